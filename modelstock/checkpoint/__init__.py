@@ -1,0 +1,1 @@
+"""Safetensors over fsspec: strict header parsing, ranged tensor reads, streaming shard writes."""

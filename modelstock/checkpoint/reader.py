@@ -1,0 +1,254 @@
+"""Open a Hugging Face safetensors checkpoint on any fsspec URL by reading headers only.
+
+A checkpoint is a folder holding ``model.safetensors`` or ``model.safetensors.index.json`` plus
+its shards (or a URL to a single ``.safetensors`` file). Opening one reads each file's header
+with ranged requests; tensor bytes are read later, one byte range per tensor (or row block).
+Pickle weights (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) are never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import warnings
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from modelstock import storage
+from modelstock.checkpoint.header import (
+    LENGTH_PREFIX_BYTES,
+    SafetensorsHeader,
+    TensorEntry,
+    declared_header_length,
+    parse_header,
+)
+from modelstock.dtypes import to_torch
+from modelstock.errors import InvalidCheckpoint, StorageAccessError
+from modelstock.storage import Location
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# One request usually holds the whole header (an 8B Llama's is ~25 KB).
+SPECULATIVE_HEADER_READ = 256 * 1024
+HEADER_READ_THREADS = 16
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileFingerprint:
+    """Identifies an input file's content cheaply: size, ETag where the store has one, header hash."""
+
+    url: str
+    size: int
+    etag: str | None
+    header_sha256: str
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """One tensor of one checkpoint: which file, and where in it."""
+
+    file: Location
+    entry: TensorEntry
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def row_count(self) -> int:
+        return self.entry.shape[0] if len(self.entry.shape) >= 2 else 1
+
+    @property
+    def row_bytes(self) -> int:
+        rows = self.row_count
+        return self.entry.nbytes // rows if rows else 0
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint's tensors, located by header reads alone."""
+
+    url: str
+    tensors: dict[str, TensorLocation]
+    files: tuple[FileFingerprint, ...]
+    index_metadata: dict[str, Any]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(loc.entry.nbytes for loc in self.tensors.values())
+
+
+def read_header(location: Location) -> tuple[SafetensorsHeader, FileFingerprint]:
+    """Read and validate one file's header with one (rarely two) ranged requests."""
+    info = storage.object_info(location)
+    if info.get("type") == "directory":
+        raise InvalidCheckpoint(f"{location.url}: is a directory, expected a .safetensors file")
+    size = int(info.get("size") or 0)
+    prefix = storage.read_range(location, 0, min(size, SPECULATIVE_HEADER_READ)) if size else b""
+    length = declared_header_length(location.url, prefix, size)
+    end = LENGTH_PREFIX_BYTES + length
+    if end > len(prefix):
+        prefix += storage.read_range(location, len(prefix), end)
+    header_blob = prefix[:end]
+    header = parse_header(location.url, header_blob[LENGTH_PREFIX_BYTES:], size)
+    etag = info.get("ETag") or info.get("etag")
+    fingerprint = FileFingerprint(
+        url=location.url,
+        size=size,
+        etag=str(etag).strip('"') if etag else None,
+        header_sha256=hashlib.sha256(header_blob).hexdigest(),
+    )
+    return header, fingerprint
+
+
+def _safe_shard_name(index_url: str, tensor: str, file_name: object) -> str:
+    if (
+        not isinstance(file_name, str)
+        or not file_name
+        or "/" in file_name
+        or "\\" in file_name
+        or file_name in (".", "..")
+        or not file_name.endswith(".safetensors")
+    ):
+        raise InvalidCheckpoint(
+            f"{index_url}: tensor {tensor!r} maps to {file_name!r}, not a .safetensors file beside the index"
+        )
+    return file_name
+
+
+def _read_index(location: Location) -> tuple[dict[str, str], dict[str, Any]]:
+    info = storage.object_info(location)
+    if int(info.get("size") or 0) > MAX_INDEX_BYTES:
+        raise InvalidCheckpoint(f"{location.url}: index is larger than {MAX_INDEX_BYTES} bytes")
+    raw = storage.read_bytes(location)
+    try:
+        parsed = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidCheckpoint(f"{location.url}: not valid JSON ({exc})") from None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("weight_map"), dict):
+        raise InvalidCheckpoint(f"{location.url}: has no 'weight_map' object")
+    weight_map = {
+        tensor: _safe_shard_name(location.url, tensor, file_name)
+        for tensor, file_name in parsed["weight_map"].items()
+    }
+    if not weight_map:
+        raise InvalidCheckpoint(f"{location.url}: 'weight_map' is empty")
+    metadata = parsed.get("metadata") if isinstance(parsed.get("metadata"), dict) else {}
+    return weight_map, metadata
+
+
+def _refuse_folder(folder: Location, names: Sequence[str]) -> InvalidCheckpoint:
+    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        return InvalidCheckpoint(
+            f"{folder.url}: only pickle weights here ({', '.join(pickles[:3])}); pickles are never "
+            "loaded, convert the checkpoint to safetensors"
+        )
+    if not names:
+        return InvalidCheckpoint(f"{folder.url}: empty or missing folder, expected {SINGLE_FILE} or {INDEX_FILE}")
+    return InvalidCheckpoint(
+        f"{folder.url}: no {SINGLE_FILE} or {INDEX_FILE} (found: {', '.join(names[:5])})"
+    )
+
+
+def open_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None) -> Checkpoint:
+    """Locate every tensor of the checkpoint at ``url`` from its headers."""
+    root = storage.resolve(url, storage_options)
+    if root.path.endswith(".safetensors"):
+        header, fingerprint = read_header(root)
+        tensors = {name: TensorLocation(root, entry) for name, entry in header.tensors.items()}
+        return Checkpoint(url=root.url, tensors=tensors, files=(fingerprint,), index_metadata={})
+
+    names = storage.list_names(root)
+    if INDEX_FILE in names:
+        weight_map, index_metadata = _read_index(root.join(INDEX_FILE))
+        shard_names = sorted(set(weight_map.values()))
+    elif SINGLE_FILE in names:
+        weight_map, index_metadata = {}, {}
+        shard_names = [SINGLE_FILE]
+    else:
+        raise _refuse_folder(root, names)
+
+    missing = [name for name in shard_names if name not in names]
+    if missing:
+        raise InvalidCheckpoint(f"{root.join(missing[0]).url}: shard named in {INDEX_FILE} is missing")
+    shard_locations = [root.join(name) for name in shard_names]
+    with ThreadPoolExecutor(max_workers=min(HEADER_READ_THREADS, len(shard_locations))) as pool:
+        headers = list(pool.map(read_header, shard_locations))
+
+    tensors: dict[str, TensorLocation] = {}
+    for location, (header, _) in zip(shard_locations, headers):
+        shard_name = posixpath.basename(location.path)
+        for name, entry in header.tensors.items():
+            if name in tensors:
+                raise InvalidCheckpoint(
+                    f"{location.url}: tensor {name!r} also appears in {tensors[name].file.url}"
+                )
+            if weight_map and weight_map.get(name) != shard_name:
+                raise InvalidCheckpoint(
+                    f"{location.url}: tensor {name!r} is not mapped to this shard in {INDEX_FILE}"
+                )
+            tensors[name] = TensorLocation(location, entry)
+    for name, shard_name in weight_map.items():
+        if name not in tensors:
+            raise InvalidCheckpoint(
+                f"{root.join(shard_name).url}: tensor {name!r} listed in {INDEX_FILE} is not in this shard"
+            )
+    if not tensors:
+        raise InvalidCheckpoint(f"{root.url}: checkpoint holds no tensors")
+    return Checkpoint(
+        url=root.url,
+        tensors=tensors,
+        files=tuple(fingerprint for _, fingerprint in headers),
+        index_metadata=index_metadata,
+    )
+
+
+def tensor_from_bytes(blob: bytes | bytearray | memoryview, dtype: str, shape: Sequence[int]) -> torch.Tensor:
+    """A read-only view of raw little-endian bytes as a tensor (no copy)."""
+    if len(blob) == 0:
+        return torch.empty(tuple(shape), dtype=to_torch(dtype))
+    with warnings.catch_warnings():
+        # The buffer is immutable bytes; every consumer treats the tensor as read-only.
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(blob, dtype=to_torch(dtype))
+    return flat.reshape(tuple(shape))
+
+
+def row_block_range(location: TensorLocation, row_start: int, row_stop: int) -> tuple[int, int]:
+    """Absolute byte range of rows ``[row_start, row_stop)`` of a tensor's 2-D row view."""
+    start = location.entry.start + row_start * location.row_bytes
+    return start, start + (row_stop - row_start) * location.row_bytes
+
+
+def read_rows(locations: Sequence[TensorLocation], row_start: int, row_stop: int) -> list[torch.Tensor]:
+    """Rows ``[row_start, row_stop)`` of the same tensor in several checkpoints, read concurrently.
+
+    Each tensor is viewed as ``(rows, -1)`` where rows is the first dimension (1 for 0-D/1-D).
+    """
+    ranges = [row_block_range(loc, row_start, row_stop) for loc in locations]
+    blobs = storage.read_ranges([loc.file for loc in locations], [r[0] for r in ranges], [r[1] for r in ranges])
+    tensors = []
+    for loc, blob in zip(locations, blobs):
+        cols = loc.entry.numel // loc.row_count if loc.row_count else 0
+        tensors.append(tensor_from_bytes(blob, loc.entry.dtype, (row_stop - row_start, cols)))
+    return tensors
+
+
+def read_tensor(location: TensorLocation) -> torch.Tensor:
+    """One whole tensor, by a single ranged read."""
+    blob = storage.read_range(location.file, location.entry.start, location.entry.end)
+    return tensor_from_bytes(blob, location.entry.dtype, location.entry.shape)
+
+
+def ensure_exists(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    location = storage.resolve(url, storage_options)
+    if not storage.exists(location):
+        raise StorageAccessError(f"{url}: does not exist")

@@ -1,0 +1,150 @@
+"""Model Stock (Jang, Yun & Han, ECCV 2024).
+
+Per tensor (or per output row with ``filter_wise``), with task vectors ``d_i = w_i - w_0``:
+``cos_theta`` is the mean of the pairwise cosines ``<d_i, d_j> / (|d_i| |d_j|)`` over i < j (the
+authors' rule for N > 2, as mergekit does), ``t = N cos / (1 + (N - 1) cos)`` and the merge is
+``t * mean_i(w_i) + (1 - t) * w_0``.
+
+Degenerate cases, each flagged in the report:
+- a task vector that is exactly zero has cosine 0 with every other (so all-zero gives t = 0);
+- ``cos_theta <= 0`` keeps the formula's t (<= 0), as the authors and mergekit do, unless
+  ``clamp_t`` clamps t to [0, 1];
+- ``|1 + (N - 1) cos_theta| < 1e-6`` (t would explode): t = 0, the base weights are kept.
+
+Reductions run in float64; t is then rounded to float32 so that the output bytes do not depend
+on the summation order of the reductions (threads, devices, chunking).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from modelstock.methods import register
+from modelstock.methods.base import (
+    Finalized,
+    LayerBlock,
+    LayerParameters,
+    MergeMethod,
+    ReductionScope,
+)
+
+DENOMINATOR_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class ModelStockParameters:
+    filter_wise: bool = False
+    clamp_t: bool = False
+
+
+def reduction_scope(params: LayerParameters, shape: tuple[int, ...]) -> ReductionScope:
+    # One angle per output row of a matrix; a vector (bias, norm) is a single row, as in mergekit.
+    return "rows" if params.method.filter_wise and len(shape) >= 2 else "tensor"
+
+
+def task_vector_gram(block: LayerBlock, params: LayerParameters) -> torch.Tensor:
+    """Inner products <d_i, d_j> in float64: shape (rows, N*N) per row, or (1, N*N) summed."""
+    assert block.base is not None
+    base = block.base.to(torch.float64)
+    deltas = torch.stack([model.to(torch.float64) - base for model in block.models])
+    count = deltas.shape[0]
+    if reduction_scope(params, block.shape) == "rows":
+        per_row = deltas.permute(1, 0, 2)  # (rows, N, cols)
+        gram = torch.bmm(per_row, per_row.transpose(1, 2))
+        return gram.reshape(-1, count * count)
+    flat = deltas.reshape(count, -1)
+    return (flat @ flat.T).reshape(1, count * count)
+
+
+def model_stock_ratio(cos_theta: torch.Tensor, count: int) -> torch.Tensor:
+    """t = N cos / (1 + (N - 1) cos), the interpolation ratio of Model Stock (eq. 4 of the paper)."""
+    return count * cos_theta / (1 + (count - 1) * cos_theta)
+
+
+def finalize(reductions: torch.Tensor, params: LayerParameters, count: int) -> Finalized:
+    gram = reductions.reshape(-1, count, count)
+    norms = torch.diagonal(gram, dim1=1, dim2=2).clamp_min(0).sqrt()  # (G, N)
+    pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
+    nonzero = norms > 0
+    cosines = []
+    for i, j in pairs:
+        denom = norms[:, i] * norms[:, j]
+        both = nonzero[:, i] & nonzero[:, j]
+        cos = torch.where(both, gram[:, i, j] / torch.where(both, denom, torch.ones_like(denom)), 0.0)
+        cosines.append(cos.clamp(-1.0, 1.0))
+    cos_pairs = torch.stack(cosines, dim=1)  # (G, pairs)
+    cos_theta = cos_pairs.mean(dim=1)
+    denominator = 1 + (count - 1) * cos_theta
+    near_zero = denominator.abs() < DENOMINATOR_EPS
+    t = torch.where(near_zero, 0.0, model_stock_ratio(cos_theta, count))
+
+    flags: list[str] = []
+    if bool((~nonzero).any()):
+        flags.append("zero_task_vector")
+    if bool((~nonzero).all()):
+        flags.append("all_task_vectors_zero")
+    if bool((cos_theta <= 0).any()):
+        flags.append("nonpositive_cos_theta")
+    if bool(near_zero.any()):
+        flags.append("denominator_near_zero")
+    if params.method.clamp_t:
+        clamped = t.clamp(0.0, 1.0)
+        if bool((clamped != t).any()):
+            flags.append("t_clamped")
+        t = clamped
+    elif bool(((t < 0) | (t > 1)).any()):
+        flags.append("t_outside_0_1")
+    t = t.to(torch.float32).to(torch.float64)
+
+    values: dict[str, object] = {
+        "n_models": count,
+        "task_vector_norms": [float(v) for v in norms.square().sum(dim=0).sqrt()],
+    }
+    if gram.shape[0] == 1:
+        values.update(
+            cos={f"{i},{j}": float(cos_pairs[0, k]) for k, (i, j) in enumerate(pairs)},
+            cos_theta=float(cos_theta[0]),
+            t=float(t[0]),
+        )
+    else:
+        values.update(
+            filter_wise=True,
+            cos={f"{i},{j}": float(cos_pairs[:, k].mean()) for k, (i, j) in enumerate(pairs)},
+            cos_theta=float(cos_theta.mean()),
+            cos_theta_min=float(cos_theta.min()),
+            cos_theta_max=float(cos_theta.max()),
+            t=float(t.mean()),
+            t_min=float(t.min()),
+            t_max=float(t.max()),
+        )
+    return Finalized(coefficients={"t": t.unsqueeze(1)}, values=values, flags=flags)
+
+
+def blend(
+    block: LayerBlock, coefficients: dict[str, torch.Tensor], params: LayerParameters, compute: torch.dtype
+) -> torch.Tensor:
+    """t * mean_i(w_i) + (1 - t) * w_0, row by row when t is per row."""
+    assert block.base is not None
+    t = coefficients["t"].to(compute)
+    average = block.models[0].to(compute)
+    for model in block.models[1:]:
+        average += model.to(compute)
+    average /= len(block.models)
+    return average.mul_(t).add_(block.base.to(compute) * (1 - t))
+
+
+METHOD = register(
+    MergeMethod(
+        name="model_stock",
+        summary="Model Stock: interpolate the fine-tunes' average toward the base by the task vectors' angle",
+        method_parameters=ModelStockParameters,
+        needs_base=True,
+        min_models=2,
+        reduce=task_vector_gram,
+        finalize=finalize,
+        blend=blend,
+        reduction_scope=reduction_scope,
+    )
+)

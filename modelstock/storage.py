@@ -1,0 +1,194 @@
+"""The one adapter between the merge code and fsspec: URL resolution, ranged reads, error mapping.
+
+Everything above this module talks to ``fsspec.AbstractFileSystem`` and never imports a backend.
+Backend quirks live here: s3fs's ``cat_file`` takes ``start``/``end`` only as keywords, and
+botocore/aiohttp network errors are not ``OSError`` subclasses, so they are recognised by the
+module that defines them rather than imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from modelstock.errors import StorageAccessError, StorageError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_TRANSIENT_MODULE_PREFIXES = ("botocore", "aiohttp", "urllib3", "requests", "google", "azure", "s3fs")
+RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved URL: the filesystem and the backend-native path inside it."""
+
+    url: str
+    fs: fsspec.AbstractFileSystem = field(compare=False, repr=False)
+    path: str
+
+    def join(self, *parts: str) -> "Location":
+        path = posixpath.join(self.path, *parts)
+        return Location(url=_join_url(self.url, *parts), fs=self.fs, path=path)
+
+    @property
+    def is_local(self) -> bool:
+        protocol = self.fs.protocol
+        protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+        return "file" in protocols or "local" in protocols
+
+
+def _join_url(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *parts])
+
+
+def resolve(url: str, storage_options: Mapping[str, Any] | None = None) -> Location:
+    """Resolve a local path or fsspec URL (s3://, gs://, az://, hf://, memory://, file://)."""
+    try:
+        fs, path = url_to_fs(url, **dict(storage_options or {}))
+    except (ImportError, ValueError) as exc:
+        raise StorageAccessError(f"{url}: cannot open this location ({describe(exc)})") from None
+    return Location(url=url.rstrip("/") if len(url) > 1 else url, fs=fs, path=path.rstrip("/") or path)
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line description of a storage exception."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Network and server faults worth retrying (timeouts, resets, 5xx, truncated bodies)."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    module = type(exc).__module__ or ""
+    if module.startswith(_TRANSIENT_MODULE_PREFIXES):
+        return True
+    return isinstance(exc, OSError) and not isinstance(exc, FileExistsError)
+
+
+def storage_call(what: str, call: Callable[[], T], *, retries: Sequence[float] = RETRY_DELAYS_S) -> T:
+    """Run one storage operation, retrying transient faults, mapping failures to our errors.
+
+    ``what`` names the object (URL) for the error message.
+    """
+    for attempt in range(len(retries) + 1):
+        try:
+            return call()
+        except FileNotFoundError as exc:
+            raise StorageAccessError(f"{what}: not found ({describe(exc)})") from None
+        except PermissionError as exc:
+            raise StorageAccessError(f"{what}: access denied ({describe(exc)})") from None
+        except Exception as exc:  # noqa: BLE001 - classified right here, never swallowed
+            if not is_transient(exc):
+                raise
+            if attempt == len(retries):
+                raise StorageError(f"{what}: storage failed after {attempt + 1} attempts ({describe(exc)})") from None
+            log.warning("%s: transient storage fault (%s); retrying in %.1fs", what, describe(exc), retries[attempt])
+            time.sleep(retries[attempt])
+    raise AssertionError("unreachable")
+
+
+def read_range(location: Location, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of one object, as a single ranged request."""
+    if end <= start:
+        return b""
+    data = storage_call(
+        location.url, lambda: location.fs.cat_file(location.path, start=start, end=end)
+    )
+    if len(data) != end - start:
+        raise StorageError(
+            f"{location.url}: asked for bytes [{start}, {end}) but got {len(data)} bytes (object changed?)"
+        )
+    return data
+
+
+def read_ranges(locations: Sequence[Location], starts: Sequence[int], ends: Sequence[int]) -> list[bytes]:
+    """Several ranged reads issued together (concurrently on async backends such as s3fs)."""
+    if not locations:
+        return []
+    fs = locations[0].fs
+    if any(loc.fs is not fs for loc in locations):
+        return [read_range(loc, s, e) for loc, s, e in zip(locations, starts, ends)]
+    what = ", ".join(sorted({loc.url for loc in locations}))
+    blobs = storage_call(
+        what,
+        lambda: fs.cat_ranges([loc.path for loc in locations], list(starts), list(ends), on_error="raise"),
+    )
+    for loc, start, end, blob in zip(locations, starts, ends, blobs):
+        if isinstance(blob, BaseException):
+            raise StorageError(f"{loc.url}: ranged read failed ({describe(blob)})")
+        if len(blob) != end - start:
+            raise StorageError(
+                f"{loc.url}: asked for bytes [{start}, {end}) but got {len(blob)} bytes (object changed?)"
+            )
+    return list(blobs)
+
+
+def object_info(location: Location) -> dict[str, Any]:
+    return storage_call(location.url, lambda: location.fs.info(location.path))
+
+
+def exists(location: Location) -> bool:
+    return storage_call(location.url, lambda: location.fs.exists(location.path))
+
+
+def list_names(location: Location) -> list[str]:
+    """Base names of the entries directly inside a directory (empty if it does not exist)."""
+    if not exists(location):
+        return []
+    entries = storage_call(location.url, lambda: location.fs.ls(location.path, detail=False, refresh=True))
+    prefix = location.path.rstrip("/")
+    names = []
+    for entry in entries:
+        entry = entry.rstrip("/")
+        if entry == prefix:
+            continue
+        names.append(posixpath.basename(entry))
+    return sorted(names)
+
+
+def read_bytes(location: Location) -> bytes:
+    return storage_call(location.url, lambda: location.fs.cat_file(location.path))
+
+
+def write_bytes(location: Location, data: bytes) -> None:
+    """Write a small object whole; local files go through a temporary name and a rename."""
+    def write() -> None:
+        if location.is_local:
+            location.fs.makedirs(posixpath.dirname(location.path), exist_ok=True)
+            temporary = location.path + ".partial"
+            with location.fs.open(temporary, "wb") as handle:
+                handle.write(data)
+            location.fs.mv(temporary, location.path)
+        else:
+            location.fs.pipe_file(location.path, data)
+
+    storage_call(location.url, write)
+
+
+def remove_tree(location: Location) -> None:
+    def remove() -> None:
+        if location.fs.exists(location.path):
+            location.fs.rm(location.path, recursive=True)
+
+    storage_call(location.url, remove)
+
+
+def remove_file(location: Location) -> None:
+    def remove() -> None:
+        if location.fs.exists(location.path):
+            location.fs.rm_file(location.path)
+
+    storage_call(location.url, remove)

@@ -1,0 +1,228 @@
+"""The merge driver. It reads like DESIGN section 3: validate, plan, submit, gather, commit.
+
+It holds plans, not data: workers fetch and write tensors themselves and hand back statistics
+and checksums. Expects a connected Ray (see ``cluster.session``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from tqdm import tqdm
+
+from modelstock import storage
+from modelstock.checkpoint.reader import Checkpoint, open_checkpoint
+from modelstock.dtypes import RECIPE_DTYPES
+from modelstock.errors import InputError, ModelStockError, OutputConflict
+from modelstock.layers import plan_layers
+from modelstock.methods.base import LayerStats
+from modelstock.output import (
+    INDEX_FILE_NAME,
+    JOB_FILE,
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    MODEL_CARD_FILE,
+    RECIPE_FILE,
+    REPORT_FILE,
+    REPORT_PLOT_FILE,
+    STATE_DIR,
+    canonical,
+    check_not_overlapping,
+    index_json,
+    model_card,
+    model_files,
+    read_output_state,
+    set_config_dtype,
+    sha256_hex,
+)
+from modelstock.recipe import MergeRecipe
+from modelstock.report import report_bytes, report_json, report_png
+from modelstock.storage import Location
+from pipeline.plan import MergePlan, input_fingerprints, plan_shards
+from pipeline.worker import ShardOutcome, ShardTask, merge_shard_task
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_SIZE = 2 * 1000**3
+DEFAULT_MEMORY_BUDGET = 768 * 1024**2
+TORCH_DTYPE_NAMES = {v: k for k, v in RECIPE_DTYPES.items() if k in ("float32", "float16", "bfloat16", "float64")}
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    recipe: MergeRecipe
+    out_url: str
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    shard_size: int = DEFAULT_SHARD_SIZE
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    overwrite: bool = False
+    workers: int | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    out_url: str
+    plan_digest: str
+    shards: list[ShardOutcome]
+    already_complete: bool = False
+
+    @property
+    def computed(self) -> list[str]:
+        return [s.file for s in self.shards if not s.resumed]
+
+    @property
+    def resumed(self) -> list[str]:
+        return [s.file for s in self.shards if s.resumed]
+
+
+def open_inputs(recipe: MergeRecipe, storage_options: Mapping[str, Any]) -> tuple[Checkpoint | None, list[Checkpoint]]:
+    """Headers of every input, read concurrently."""
+    urls = ([recipe.base_model] if recipe.base_model else []) + recipe.model_urls
+    with ThreadPoolExecutor(max_workers=min(8, len(urls))) as pool:
+        checkpoints = list(pool.map(lambda url: open_checkpoint(url, storage_options), urls))
+    if recipe.base_model:
+        return checkpoints[0], checkpoints[1:]
+    return None, checkpoints
+
+
+def plan_merge(request: MergeRequest) -> tuple[MergePlan, Checkpoint | None, list[Checkpoint]]:
+    base, models = open_inputs(request.recipe, request.storage_options)
+    layers = plan_layers(request.recipe, base, models)
+    checkpoints = ([base] if base else []) + models
+    return plan_shards(layers, request.shard_size, checkpoints, request.recipe.sha256()), base, models
+
+
+def prepare_output(request: MergeRequest, out: Location, plan: MergePlan) -> bool:
+    """Check what is at the output; True when it already holds this exact merge."""
+    state = read_output_state(out)
+    if state.manifest is not None and state.manifest.get("plan_sha256") == plan.digest and not request.overwrite:
+        return True
+    if not state.empty:
+        ours = state.job is not None and state.job.get("plan_sha256") == plan.digest and state.manifest is None
+        if request.overwrite:
+            log.info("%s: --overwrite: removing the previous content", out.url)
+            storage.remove_tree(out)
+        elif not ours:
+            what = (
+                "holds a merge of a different recipe, inputs or shard size"
+                if state.manifest is not None or state.job is not None
+                else "is not empty"
+            )
+            raise OutputConflict(f"{out.url}: output location {what}; pass --overwrite to replace it")
+    job = {"plan_sha256": plan.digest, "recipe": request.recipe.model_dump(mode="json")}
+    storage.write_bytes(out.join(STATE_DIR, JOB_FILE), canonical(job))
+    return False
+
+
+def submit_and_gather(request: MergeRequest, plan: MergePlan) -> list[ShardOutcome]:
+    """One task per shard, at most ``workers`` in flight; results in plan order."""
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    options = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+    window = request.workers or len(plan.shards)
+    pending = list(reversed(plan.shards))
+    in_flight: dict[ray.ObjectRef, str] = {}
+    outcomes: dict[str, ShardOutcome] = {}
+    bar = tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="merge", disable=not request.progress)
+    try:
+        while pending or in_flight:
+            while pending and len(in_flight) < window:
+                shard = pending.pop()
+                task = ShardTask(request.out_url, dict(request.storage_options), shard, request.memory_budget)
+                in_flight[merge_shard_task.options(**options).remote(task)] = shard.file
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            for ref in done:
+                in_flight.pop(ref)
+                outcome = _unwrap(ref)
+                outcomes[outcome.file] = outcome
+                bar.update(outcome.size)
+    except BaseException:
+        for ref in in_flight:
+            ray.cancel(ref, force=False)
+        raise
+    finally:
+        bar.close()
+    return [outcomes[s.file] for s in plan.shards]
+
+
+def _unwrap(ref: ray.ObjectRef) -> ShardOutcome:
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause
+        if isinstance(cause, ModelStockError):
+            raise cause from None
+        raise
+
+
+def _out_dtype_name(recipe: MergeRecipe, layers: Sequence[LayerStats]) -> str:
+    if recipe.output_dtype:
+        return TORCH_DTYPE_NAMES[recipe.output_dtype]
+    merged = [s.out_dtype for s in layers if s.method != "copy"] or [s.out_dtype for s in layers]
+    most = max(set(merged), key=merged.count)
+    return TORCH_DTYPE_NAMES.get(most, "float32")
+
+
+def commit(request: MergeRequest, out: Location, plan: MergePlan, outcomes: list[ShardOutcome],
+           config_source: Checkpoint, checkpoints: Sequence[Checkpoint]) -> None:
+    """Index, config and tokenizer files, recipe, report, model card; the manifest last."""
+    recipe = request.recipe
+    layers = [stats for outcome in outcomes for stats in outcome.layers]
+    written: dict[str, bytes] = {}
+    source_dir = storage.resolve(config_source.url, request.storage_options)
+    for name in model_files(source_dir):
+        raw = storage.read_bytes(source_dir.join(name))
+        if name == "config.json":
+            raw = set_config_dtype(raw, _out_dtype_name(recipe, layers), source_dir.join(name).url)
+        written[name] = raw
+    written[INDEX_FILE_NAME] = index_json(
+        [(shard.file, [l.job.name for l in shard.layers]) for shard in plan.shards], plan.total_size
+    )
+    recipe_yaml = recipe.to_yaml()
+    written[RECIPE_FILE] = recipe_yaml.encode()
+    report = report_json(recipe.merge_method, recipe_yaml, layers)
+    written[REPORT_FILE] = report_bytes(report)
+    plot = report_png(layers, f"{recipe.merge_method}: cos θ and t by tensor")
+    if plot is not None:
+        written[REPORT_PLOT_FILE] = plot
+    written[MODEL_CARD_FILE] = model_card(recipe_yaml, recipe.base_model, recipe.merge_method, recipe.model_urls, report["summary"])
+    for name, raw in written.items():
+        storage.write_bytes(out.join(name), raw)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "recipe_sha256": recipe.sha256(),
+        "plan_sha256": plan.digest,
+        "inputs": input_fingerprints(checkpoints),
+        "total_size": plan.total_size,
+        "shards": [{"file": o.file, "size": o.size, "sha256": o.sha256} for o in outcomes],
+        "files": {name: sha256_hex(raw) for name, raw in sorted(written.items())},
+    }
+    storage.write_bytes(out.join(MANIFEST_FILE), (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+
+
+def run_merge(request: MergeRequest) -> MergeResult:
+    """Validate, plan, submit, gather, commit. Bad input raises before anything is written."""
+    out = storage.resolve(request.out_url, request.storage_options)
+    recipe = request.recipe
+    check_not_overlapping(out, ([recipe.base_model] if recipe.base_model else []) + recipe.model_urls, request.storage_options)
+    plan, base, models = plan_merge(request)
+    checkpoints = ([base] if base else []) + models
+    log.info("plan: %d shards, %.2f GB out, %.2f GB to read", len(plan.shards), plan.total_size / 1e9, plan.input_bytes / 1e9)
+    if prepare_output(request, out, plan):
+        log.info("%s already holds this merge (manifest matches); nothing to do", out.url)
+        return MergeResult(out.url, plan.digest, [], already_complete=True)
+    try:
+        outcomes = submit_and_gather(request, plan)
+    except InputError:
+        # The inputs themselves are bad (e.g. NaN weights found while merging): this output can
+        # never complete, so leave nothing behind.
+        storage.remove_tree(out)
+        raise
+    commit(request, out, plan, outcomes, base or models[0], checkpoints)
+    return MergeResult(out.url, plan.digest, outcomes)

@@ -1,0 +1,102 @@
+"""The shard plan: which output tensors go into which output file.
+
+Layers are packed in natural name order into shards of about ``shard_size`` bytes. The plan and
+its digests depend only on the recipe and the inputs (headers, sizes, ETags), never on how many
+workers run it, so the output is the same on 1 worker or 100.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from modelstock.checkpoint.reader import Checkpoint
+from modelstock.layers import LayerSource
+from modelstock.output import canonical, shard_file_name
+
+PLAN_FORMAT = "modelstock-plan/1"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One output file: its layers in write order, and a digest of everything that makes it."""
+
+    file: str
+    layers: tuple[LayerSource, ...]
+    digest: str
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.out_nbytes for layer in self.layers)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(loc.entry.nbytes for layer in self.layers for loc in layer.locations)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    shards: tuple[ShardPlan, ...]
+    digest: str
+
+    @property
+    def total_size(self) -> int:
+        return sum(shard.nbytes for shard in self.shards)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(shard.input_bytes for shard in self.shards)
+
+
+def _job_description(layer: LayerSource, fingerprints: dict[str, dict[str, object]]) -> dict[str, object]:
+    job = layer.job
+    params = None
+    if job.params is not None:
+        params = {
+            "method": dataclasses.asdict(job.params.method),
+            "models": [dataclasses.asdict(p) for p in job.params.models],
+        }
+    return {
+        "name": job.name,
+        "shape": list(job.shape),
+        "out_dtype": job.out_dtype,
+        "method": job.method,
+        "params": params,
+        "flags": list(job.flags),
+        "inputs": [
+            {"file": loc.file.url, "start": loc.entry.start, "end": loc.entry.end, "dtype": loc.entry.dtype,
+             "fingerprint": fingerprints[loc.file.url]}
+            for loc in layer.locations
+        ],
+    }
+
+
+def input_fingerprints(checkpoints: Sequence[Checkpoint]) -> dict[str, dict[str, object]]:
+    return {
+        fp.url: {"size": fp.size, "etag": fp.etag, "header_sha256": fp.header_sha256}
+        for checkpoint in checkpoints
+        for fp in checkpoint.files
+    }
+
+
+def plan_shards(
+    layers: Sequence[LayerSource], shard_size: int, checkpoints: Sequence[Checkpoint], recipe_sha256: str
+) -> MergePlan:
+    groups: list[list[LayerSource]] = []
+    current_bytes = 0
+    for layer in layers:
+        if not groups or (current_bytes + layer.out_nbytes > shard_size and groups[-1]):
+            groups.append([])
+            current_bytes = 0
+        groups[-1].append(layer)
+        current_bytes += layer.out_nbytes
+    fingerprints = input_fingerprints(checkpoints)
+    shards = []
+    for index, group in enumerate(groups, start=1):
+        file = shard_file_name(index, len(groups))
+        description = {"format": PLAN_FORMAT, "file": file, "layers": [_job_description(l, fingerprints) for l in group]}
+        shards.append(ShardPlan(file=file, layers=tuple(group), digest=hashlib.sha256(canonical(description)).hexdigest()))
+    plan_description = {"format": PLAN_FORMAT, "recipe": recipe_sha256, "shards": [s.digest for s in shards]}
+    return MergePlan(shards=tuple(shards), digest=hashlib.sha256(canonical(plan_description)).hexdigest())

@@ -1,0 +1,96 @@
+"""The shard worker: a Ray task that fetches its own tensors, merges them and writes one shard.
+
+It returns only small results (per-layer statistics, the shard's size and sha256); no tensor goes
+through the driver or the object store. A shard already completed by an earlier run (progress
+record with the same digest, file present with the recorded sha256) is not recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+
+from modelstock import storage
+from modelstock.errors import StorageError
+from modelstock.merge_shard import merge_into_shard
+from modelstock.methods.base import LayerStats
+from modelstock.output import ShardRecord, file_sha256, read_shard_record, write_shard_record
+from pipeline.plan import ShardPlan
+
+log = logging.getLogger(__name__)
+
+TASK_MAX_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    out_url: str
+    storage_options: Mapping[str, Any]
+    shard: ShardPlan
+    memory_budget: int
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    file: str
+    size: int
+    sha256: str
+    layers: list[LayerStats]
+    resumed: bool
+    attempt: str
+    node_id: str = ""
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _verified_record(task: ShardTask) -> ShardRecord | None:
+    out = storage.resolve(task.out_url, task.storage_options)
+    record = read_shard_record(out, task.shard.file)
+    if record is None or record.shard_digest != task.shard.digest:
+        return None
+    shard = out.join(task.shard.file)
+    if not storage.exists(shard):
+        return None
+    size, sha256 = file_sha256(shard)
+    if (size, sha256) != (record.size, record.sha256):
+        log.warning("%s: progress record does not match the file; recomputing", shard.url)
+        return None
+    return record
+
+
+def produce_shard(task: ShardTask, node_id: str = "") -> ShardOutcome:
+    """Resume or compute one shard; the body of the Ray task (usable without Ray)."""
+    record = _verified_record(task)
+    if record is not None:
+        return ShardOutcome(
+            task.shard.file, record.size, record.sha256, record.layer_stats(), True, record.attempt, node_id
+        )
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    out = storage.resolve(task.out_url, task.storage_options)
+    merged = merge_into_shard(out.join(task.shard.file), task.shard.layers, task.memory_budget, device)
+    attempt = uuid.uuid4().hex
+    write_shard_record(
+        out,
+        ShardRecord(
+            file=task.shard.file,
+            shard_digest=task.shard.digest,
+            size=merged.written.size,
+            sha256=merged.written.sha256,
+            attempt=attempt,
+            layers=[s.to_json() for s in merged.layers],
+        ),
+    )
+    return ShardOutcome(
+        task.shard.file, merged.written.size, merged.written.sha256, merged.layers, False, attempt, node_id, device.type
+    )
+
+
+@ray.remote(max_retries=TASK_MAX_RETRIES, retry_exceptions=[StorageError], scheduling_strategy="SPREAD")
+def merge_shard_task(task: ShardTask) -> ShardOutcome:
+    return produce_shard(task, ray.get_runtime_context().get_node_id())
