@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import cluster  # noqa: F401  - sets Ray's environment defaults before ray is imported
@@ -134,12 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true")
     inspect.add_argument("--storage-options")
     inspect.set_defaults(handler=cmd_inspect)
-    for extend in EXTRA_COMMANDS:
-        extend(sub)
+    from pipeline import cli_eval
+
+    cli_eval.add_commands(sub)
     return parser
-
-
-EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
