@@ -152,6 +152,14 @@ def read_output_state(out: Location) -> OutputState:
     return OutputState(entries=entries, manifest=manifest, job=job)
 
 
+def remove_stale_partials(out: Location) -> list[str]:
+    """Delete temporary files left by writers that died (e.g. on a lost node); returns their names."""
+    stale = [name for name in storage.list_names(out) if ".partial" in name]
+    for name in stale:
+        storage.remove_file(out.join(name))
+    return stale
+
+
 def index_json(shards: Sequence[tuple[str, Sequence[str]]], total_size: int) -> bytes:
     """``model.safetensors.index.json`` as transformers writes it."""
     weight_map = {name: file for file, names in shards for name in names}

@@ -38,6 +38,7 @@ from modelstock.output import (
     model_card,
     model_files,
     read_output_state,
+    remove_stale_partials,
     set_config_dtype,
     sha256_hex,
 )
@@ -96,7 +97,7 @@ def plan_merge(request: MergeRequest) -> tuple[MergePlan, Checkpoint | None, lis
     base, models = open_inputs(request.recipe, request.storage_options)
     layers = plan_layers(request.recipe, base, models)
     checkpoints = ([base] if base else []) + models
-    return plan_shards(layers, request.shard_size, checkpoints, request.recipe.sha256()), base, models
+    return plan_shards(layers, request.shard_size, checkpoints), base, models
 
 
 def prepare_output(request: MergeRequest, out: Location, plan: MergePlan) -> bool:
@@ -194,6 +195,8 @@ def commit(request: MergeRequest, out: Location, plan: MergePlan, outcomes: list
     written[MODEL_CARD_FILE] = model_card(recipe_yaml, recipe.base_model, recipe.merge_method, recipe.model_urls, report["summary"])
     for name, raw in written.items():
         storage.write_bytes(out.join(name), raw)
+    for name in remove_stale_partials(out):
+        log.info("%s: removed a partial file left by a lost worker", out.join(name).url)
     manifest = {
         "format": MANIFEST_FORMAT,
         "recipe_sha256": recipe.sha256(),

@@ -81,9 +81,9 @@ def input_fingerprints(checkpoints: Sequence[Checkpoint]) -> dict[str, dict[str,
     }
 
 
-def plan_shards(
-    layers: Sequence[LayerSource], shard_size: int, checkpoints: Sequence[Checkpoint], recipe_sha256: str
-) -> MergePlan:
+def plan_shards(layers: Sequence[LayerSource], shard_size: int, checkpoints: Sequence[Checkpoint]) -> MergePlan:
+    """Pack layers into shards. Digests cover the resolved per-tensor work, so two recipes that
+    differ only in spelling (e.g. a default written out) plan the same merge and can resume it."""
     groups: list[list[LayerSource]] = []
     current_bytes = 0
     for layer in layers:
@@ -98,5 +98,5 @@ def plan_shards(
         file = shard_file_name(index, len(groups))
         description = {"format": PLAN_FORMAT, "file": file, "layers": [_job_description(l, fingerprints) for l in group]}
         shards.append(ShardPlan(file=file, layers=tuple(group), digest=hashlib.sha256(canonical(description)).hexdigest()))
-    plan_description = {"format": PLAN_FORMAT, "recipe": recipe_sha256, "shards": [s.digest for s in shards]}
+    plan_description = {"format": PLAN_FORMAT, "shards": [s.digest for s in shards]}
     return MergePlan(shards=tuple(shards), digest=hashlib.sha256(canonical(plan_description)).hexdigest())
