@@ -65,8 +65,18 @@ def reduce_block_rows(job: LayerJob) -> int:
     return max(1, REDUCE_BLOCK_ELEMENTS // max(job.cols, 1))
 
 
+def is_whole_tensor(job: LayerJob) -> bool:
+    """Whether the job's method needs every row at once (e.g. TIES' top-k over the whole tensor)."""
+    return job.method is not None and get_method(job.method).whole_tensor
+
+
 def row_chunks(job: LayerJob, memory_budget: int) -> list[tuple[int, int]]:
-    """Row ranges read at once: whole multiples of the reduce block, as many as the budget holds."""
+    """Row ranges read at once: whole multiples of the reduce block, as many as the budget holds.
+
+    A whole-tensor method gets one chunk with every row, whatever the budget.
+    """
+    if is_whole_tensor(job):
+        return [(0, job.rows)]
     block_rows = reduce_block_rows(job)
     # Headroom for float64 reduction temporaries of one block: base + N task vectors, 8 bytes each.
     reserve = (len(job.inputs) + 1) * REDUCE_BLOCK_ELEMENTS * 8
@@ -76,6 +86,9 @@ def row_chunks(job: LayerJob, memory_budget: int) -> list[tuple[int, int]]:
 
 
 def _sub_blocks(job: LayerJob, block: LayerBlock) -> Iterator[LayerBlock]:
+    if is_whole_tensor(job):
+        yield block
+        return
     step = reduce_block_rows(job)
     for start in range(block.row_start, block.row_stop, step):
         stop = min(start + step, block.row_stop)

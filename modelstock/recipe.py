@@ -14,7 +14,7 @@ dtype: bfloat16          # output dtype unless out_dtype is given (we always com
 Parameters follow mergekit: a per-model parameter is looked up on the model, then in the
 top-level ``parameters``, then the method's default. A value is a scalar or a conditional list
 ``[{filter: self_attn, value: 0.5}, {value: 1.0}]`` where the first entry whose ``filter`` is a
-substring of the tensor name (or which has no filter) applies.
+substring of the tensor name (or which has no filter, or filter `*`) applies.
 ``include`` / ``exclude`` (modelstock extensions) are glob patterns on tensor names; excluded
 tensors are copied from the base model.
 """
@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from modelstock.dtypes import RECIPE_DTYPES
 from modelstock.errors import InvalidRecipe
 from modelstock.methods import get_method
-from modelstock.methods.base import LayerParameters, MergeMethod
+from modelstock.methods.base import LayerParameters, MergeMethod, recipe_name
 
 Scalar = Union[bool, int, float, str]
 
@@ -95,6 +95,11 @@ class MergeRecipe(BaseModel):
         if len(self.models) < method.min_models:
             raise ValueError(
                 f"merge_method {self.merge_method} needs at least {method.min_models} models besides the base, "
+                f"got {len(self.models)}"
+            )
+        if method.max_models is not None and len(self.models) > method.max_models:
+            raise ValueError(
+                f"merge_method {self.merge_method} takes at most {method.max_models} models besides the base, "
                 f"got {len(self.models)}"
             )
         urls = [entry.model.rstrip("/") for entry in self.models]
@@ -161,7 +166,7 @@ def _value_for(value: ParameterValue, tensor: str) -> Scalar | None:
     if not isinstance(value, list):
         return value
     for option in value:
-        if option.filter is None or option.filter in tensor:
+        if option.filter is None or option.filter == "*" or option.filter in tensor:  # '*': as mergekit
             return option.value
     return None
 
@@ -171,22 +176,35 @@ def _freeze(values: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
 
 
 @lru_cache(maxsize=256)
-def _field_adapters(kind: type) -> dict[str, pydantic.TypeAdapter]:
+def _field_adapters(kind: type) -> dict[str, tuple[str, pydantic.TypeAdapter]]:
+    """Recipe name -> (dataclass field name, validator)."""
     hints = typing.get_type_hints(kind)
-    return {f.name: pydantic.TypeAdapter(hints[f.name]) for f in dataclasses.fields(kind)}
+    return {recipe_name(f): (f.name, pydantic.TypeAdapter(hints[f.name])) for f in dataclasses.fields(kind)}
+
+
+def _required_names(kind: type) -> list[str]:
+    return [
+        recipe_name(f)
+        for f in dataclasses.fields(kind)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
 
 
 def _validate_field(kind: type, name: str, value: Any) -> Any:
     # Strict: YAML's `yes`/"1" must not silently become True/1.0; ints are accepted as floats.
-    return _field_adapters(kind)[name].validate_python(value, strict=True)
+    return _field_adapters(kind)[name][1].validate_python(value, strict=True)
 
 
 @lru_cache(maxsize=4096)
 def _instantiate_cached(kind: type, frozen: tuple[tuple[str, Any], ...]) -> Any:
-    return kind(**{name: _validate_field(kind, name, value) for name, (_, value) in frozen})
+    adapters = _field_adapters(kind)
+    return kind(**{adapters[name][0]: _validate_field(kind, name, value) for name, (_, value) in frozen})
 
 
 def _instantiate(kind: type, values: dict[str, Any], where: str, tensor: str) -> Any:
+    missing = [name for name in _required_names(kind) if values.get(name) is None]
+    if missing:
+        raise InvalidRecipe(f"{where}: missing required parameter {missing[0]!r} for tensor {tensor!r}")
     try:
         return _instantiate_cached(kind, _freeze(values))
     except pydantic.ValidationError as exc:
@@ -205,6 +223,13 @@ def _check_parameter_names(recipe: MergeRecipe, method: MergeMethod) -> None:
                 raise ValueError(f"model {entry.model}: {name!r} is a method-wide parameter; set it under top-level parameters")
             if name not in model_names:
                 raise ValueError(f"model {entry.model}: unknown parameter {name!r} for {method.name} (known: {sorted(model_names)})")
+    for name in _required_names(method.method_parameters):
+        if name not in recipe.parameters:
+            raise ValueError(f"{method.name} needs parameter {name!r} under top-level parameters")
+    for name in _required_names(method.model_parameters):
+        for entry in recipe.models:
+            if name not in entry.parameters and name not in recipe.parameters:
+                raise ValueError(f"model {entry.model}: {method.name} needs parameter {name!r}")
     # Type-check every value once up front (conditional values are re-checked per tensor).
     for name, value in recipe.parameters.items():
         _check_types(method, name, value, "parameters")

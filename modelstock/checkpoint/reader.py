@@ -35,7 +35,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # One request usually holds the whole header (an 8B Llama's is ~25 KB).
-SPECULATIVE_HEADER_READ = 256 * 1024
+SPECULATIVE_HEADER_READ = 64 * 1024
 HEADER_READ_THREADS = 16
 MAX_INDEX_BYTES = 64 * 1024 * 1024
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import queue
+import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from modelstock.storage import Location
 
 HEADER_ALIGNMENT = 8
 WRITE_BLOCK_SIZE = 64 * 1024 * 1024  # s3fs multipart part size: memory per open shard
+QUEUED_BLOCKS = 4  # blocks handed to the writer thread ahead of the disk/network
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,31 @@ class ShardWriter:
             f"{location.path}.partial-{uuid.uuid4().hex[:12]}" if location.is_local else location.path
         )
         self._handle = None
+        # Hashing and writing run on a thread (both release the GIL) so they overlap the merge.
+        self._queue: queue.Queue[memoryview | None] = queue.Queue(maxsize=QUEUED_BLOCKS)
+        self._sink: threading.Thread | None = None
+        self._sink_error: BaseException | None = None
+
+    def _drain(self) -> None:
+        while (data := self._queue.get()) is not None:
+            if self._sink_error is not None:
+                continue
+            try:
+                self._handle.write(data)
+                self._hash.update(data)
+            except BaseException as exc:  # noqa: BLE001 - handed to the producing thread
+                self._sink_error = exc
+
+    def _raise_sink_error(self) -> None:
+        if self._sink_error is not None:
+            exc = self._sink_error
+            raise StorageError(f"{self.location.url}: write failed ({storage.describe(exc)})") from None
+
+    def _stop_sink(self) -> None:
+        if self._sink is not None:
+            self._queue.put(None)
+            self._sink.join()
+            self._sink = None
 
     def __enter__(self) -> "ShardWriter":
         try:
@@ -90,16 +118,15 @@ class ShardWriter:
             self._handle = self.location.fs.open(self._temporary, "wb", block_size=WRITE_BLOCK_SIZE)
         except OSError as exc:
             raise StorageError(f"{self.location.url}: cannot open for writing ({storage.describe(exc)})") from None
+        self._sink = threading.Thread(target=self._drain, name="shard-writer", daemon=True)
+        self._sink.start()
         self._write(memoryview(self._header))
         return self
 
     def _write(self, data: memoryview) -> None:
         assert self._handle is not None
-        try:
-            self._handle.write(data)
-        except Exception as exc:  # noqa: BLE001 - re-raised as our storage error with the URL
-            raise StorageError(f"{self.location.url}: write failed ({storage.describe(exc)})") from None
-        self._hash.update(data)
+        self._raise_sink_error()
+        self._queue.put(data)
         self._size += len(data)
 
     def write_block(self, name: str, block: torch.Tensor) -> None:
@@ -120,6 +147,8 @@ class ShardWriter:
 
     def _finish(self) -> WrittenShard:
         assert self._handle is not None
+        self._stop_sink()
+        self._raise_sink_error()
         if self._size != self._expected_size:
             raise ValueError(
                 f"{self.location.url}: wrote {self._size} of {self._expected_size} bytes; the shard is incomplete"
@@ -135,6 +164,7 @@ class ShardWriter:
     def _abort(self) -> None:
         if self._handle is None:
             return
+        self._stop_sink()
         discard = getattr(self._handle, "discard", None)
         try:
             if callable(discard):
@@ -152,7 +182,3 @@ class ShardWriter:
             self.result = self._finish()
         else:
             self._abort()
-
-    def skip_empty_leading(self) -> None:
-        while self._spec_index < len(self.specs) and self.specs[self._spec_index].nbytes == 0:
-            self._spec_index += 1

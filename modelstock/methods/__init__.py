@@ -36,6 +36,7 @@ def method_names() -> list[str]:
 
 # Importing a method module registers it.
 from modelstock.methods import linear, model_stock  # noqa: E402,F401
+from modelstock.methods import dare, slerp, task_arithmetic, ties  # noqa: E402,F401
 
 __all__ = [
     "Finalized",

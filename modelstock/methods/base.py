@@ -113,6 +113,7 @@ class MergeMethod:
     model_parameters: type = NoParameters
     needs_base: bool = False
     min_models: int = 1
+    max_models: int | None = None
     reduce: ReduceFn | None = None
     finalize: FinalizeFn | None = None
     reduction_scope: ScopeFn = lambda params, shape: "tensor"
@@ -120,11 +121,20 @@ class MergeMethod:
     summary: str = ""
 
     def parameter_names(self) -> tuple[set[str], set[str]]:
-        """(global parameter names, per-model parameter names)."""
+        """(global parameter names, per-model parameter names), as written in recipes."""
         return (
-            {f.name for f in dataclasses.fields(self.method_parameters)},
-            {f.name for f in dataclasses.fields(self.model_parameters)},
+            {recipe_name(f) for f in dataclasses.fields(self.method_parameters)},
+            {recipe_name(f) for f in dataclasses.fields(self.model_parameters)},
         )
+
+
+def recipe_name(parameter: dataclasses.Field) -> str:
+    """A parameter's name in recipes: the field name, unless metadata ``recipe_name`` overrides it.
+
+    mergekit's ``lambda`` is a Python keyword, so its field is ``lambda_`` with
+    ``field(metadata={"recipe_name": "lambda"})``.
+    """
+    return parameter.metadata.get("recipe_name", parameter.name)
 
 
 def compute_dtype_for(out_dtype: torch.dtype) -> torch.dtype:

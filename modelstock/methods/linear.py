@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from modelstock.errors import InvalidRecipe
 from modelstock.methods import register
 from modelstock.methods.base import LayerBlock, LayerParameters, MergeMethod
 
@@ -33,7 +34,7 @@ def blend(
         merged += model.to(compute) * weight
     if params.method.normalize:
         if total == 0:
-            raise ValueError(f"tensor {block.name!r}: linear weights sum to zero")
+            raise InvalidRecipe(f"tensor {block.name!r}: the models' weights sum to zero, cannot normalize")
         merged /= total
     return merged
 
