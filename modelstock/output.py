@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+import threading
+import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -229,3 +234,79 @@ def check_not_overlapping(out: Location, inputs: Iterable[str], storage_options:
         in_path = location.path.rstrip("/") + "/"
         if protocol == out_key[0] and (in_path.startswith(out_key[1]) or out_key[1].startswith(in_path)):
             raise OutputConflict(f"{out.url}: output location overlaps input {url}; choose another output")
+
+
+LOCK_FILE = "lock.json"
+LOCK_LEASE_S = 120.0
+LOCK_HEARTBEAT_S = 20.0
+
+
+class OutputLock:
+    """One writer per output: an exclusively created lock record, kept fresh by a heartbeat.
+
+    A lock is stale (and may be taken over) when its heartbeat is older than the lease, or when
+    it was taken on this host by a process that no longer exists (a crashed or killed driver).
+    """
+
+    def __init__(self, out: Location, plan_sha256: str) -> None:
+        self.location = out.join(STATE_DIR, LOCK_FILE)
+        self.plan_sha256 = plan_sha256
+        self.owner = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> bytes:
+        return canonical({
+            "owner": self.owner, "plan_sha256": self.plan_sha256, "host": socket.gethostname(),
+            "pid": os.getpid(), "heartbeat": time.time(),
+        })
+
+    def _current(self) -> dict[str, Any] | None:
+        return _read_json(self.location)
+
+    @staticmethod
+    def _is_stale(record: dict[str, Any] | None) -> bool:
+        if record is None:
+            return True  # unreadable or vanished: a torn write by a dead writer
+        if time.time() - float(record.get("heartbeat", 0)) > LOCK_LEASE_S:
+            return True
+        if record.get("host") == socket.gethostname():
+            try:
+                os.kill(int(record.get("pid", -1)), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError, OverflowError):
+                return False
+        return False
+
+    def acquire(self) -> None:
+        for _ in range(3):
+            if storage.create_exclusive(self.location, self._record()):
+                self._thread = threading.Thread(target=self._beat, name="output-lock", daemon=True)
+                self._thread.start()
+                return
+            holder = self._current()
+            if not self._is_stale(holder):
+                raise OutputConflict(
+                    f"{self.location.url}: another merge (pid {holder.get('pid')} on {holder.get('host')}) "
+                    "is writing to this output; wait for it or choose another output"
+                )
+            storage.remove_file(self.location)
+        raise OutputConflict(f"{self.location.url}: could not take the output lock")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(LOCK_HEARTBEAT_S):
+            if not self.held():
+                return
+            storage.write_bytes(self.location, self._record())
+
+    def held(self) -> bool:
+        record = self._current()
+        return record is not None and record.get("owner") == self.owner
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.held():
+            storage.remove_file(self.location)

@@ -178,6 +178,31 @@ def write_bytes(location: Location, data: bytes) -> None:
     storage_call(location.url, write)
 
 
+def create_exclusive(location: Location, data: bytes) -> bool:
+    """Create an object only if it does not exist yet (atomically); False if it already exists.
+
+    Local files use O_EXCL; object stores a conditional put (S3 ``If-None-Match: *`` through
+    fsspec's ``mode="create"``).
+    """
+    def create() -> bool:
+        try:
+            if location.is_local:
+                location.fs.makedirs(posixpath.dirname(location.path), exist_ok=True)
+                with location.fs.open(location.path, "xb") as handle:
+                    handle.write(data)
+            else:
+                location.fs.pipe_file(location.path, data, mode="create")
+        except FileExistsError:
+            return False
+        except Exception as exc:  # noqa: BLE001 - a failed precondition means: it exists
+            if "PreconditionFailed" in describe(exc) or "412" in describe(exc):
+                return False
+            raise
+        return True
+
+    return storage_call(location.url, create)
+
+
 def remove_tree(location: Location) -> None:
     def remove() -> None:
         if location.fs.exists(location.path):

@@ -37,6 +37,9 @@ from modelstock.output import (
     index_json,
     model_card,
     model_files,
+    LOCK_FILE,
+    OutputLock,
+    OutputState,
     read_output_state,
     remove_stale_partials,
     set_config_dtype,
@@ -100,26 +103,34 @@ def plan_merge(request: MergeRequest) -> tuple[MergePlan, Checkpoint | None, lis
     return plan_shards(layers, request.shard_size, checkpoints), base, models
 
 
-def prepare_output(request: MergeRequest, out: Location, plan: MergePlan) -> bool:
-    """Check what is at the output; True when it already holds this exact merge."""
-    state = read_output_state(out)
-    if state.manifest is not None and state.manifest.get("plan_sha256") == plan.digest and not request.overwrite:
-        return True
-    if not state.empty:
-        ours = state.job is not None and state.job.get("plan_sha256") == plan.digest and state.manifest is None
-        if request.overwrite:
-            log.info("%s: --overwrite: removing the previous content", out.url)
-            storage.remove_tree(out)
-        elif not ours:
-            what = (
-                "holds a merge of a different recipe, inputs or shard size"
-                if state.manifest is not None or state.job is not None
-                else "is not empty"
-            )
-            raise OutputConflict(f"{out.url}: output location {what}; pass --overwrite to replace it")
-    job = {"plan_sha256": plan.digest, "recipe": request.recipe.model_dump(mode="json")}
-    storage.write_bytes(out.join(STATE_DIR, JOB_FILE), canonical(job))
-    return False
+def output_action(state: OutputState, plan: MergePlan, overwrite: bool, out: Location) -> str:
+    """What to do with the output location: 'complete', 'fresh', 'resume' or 'replace'."""
+    if state.manifest is not None and state.manifest.get("plan_sha256") == plan.digest and not overwrite:
+        return "complete"
+    foreign = [name for name in state.entries if name != STATE_DIR and ".partial" not in name]
+    if state.job is None and not foreign:
+        return "fresh"
+    if state.manifest is None and state.job is not None and state.job.get("plan_sha256") == plan.digest:
+        return "resume"
+    if overwrite:
+        return "replace"
+    what = (
+        "holds a merge of a different recipe, inputs or shard size"
+        if state.manifest is not None or state.job is not None
+        else "is not empty"
+    )
+    raise OutputConflict(f"{out.url}: output location {what}; pass --overwrite to replace it")
+
+
+def clear_output(out: Location) -> None:
+    """Remove everything at the output but the lock we hold."""
+    for name in storage.list_names(out):
+        if name != STATE_DIR:
+            target = out.join(name)
+            storage.remove_tree(target) if target.fs.isdir(target.path) else storage.remove_file(target)
+    for name in storage.list_names(out.join(STATE_DIR)):
+        if name != LOCK_FILE:
+            storage.remove_tree(out.join(STATE_DIR, name))
 
 
 def submit_and_gather(request: MergeRequest, plan: MergePlan) -> list[ShardOutcome]:
@@ -217,15 +228,33 @@ def run_merge(request: MergeRequest) -> MergeResult:
     plan, base, models = plan_merge(request)
     checkpoints = ([base] if base else []) + models
     log.info("plan: %d shards, %.2f GB out, %.2f GB to read", len(plan.shards), plan.total_size / 1e9, plan.input_bytes / 1e9)
-    if prepare_output(request, out, plan):
+    # Decide once before taking the lock (refuse without touching the output), then again under it.
+    if output_action(read_output_state(out), plan, request.overwrite, out) == "complete":
         log.info("%s already holds this merge (manifest matches); nothing to do", out.url)
         return MergeResult(out.url, plan.digest, [], already_complete=True)
+    lock = OutputLock(out, plan.digest)
+    lock.acquire()
     try:
-        outcomes = submit_and_gather(request, plan)
-    except InputError:
-        # The inputs themselves are bad (e.g. NaN weights found while merging): this output can
-        # never complete, so leave nothing behind.
-        storage.remove_tree(out)
-        raise
-    commit(request, out, plan, outcomes, base or models[0], checkpoints)
+        action = output_action(read_output_state(out), plan, request.overwrite, out)
+        if action == "complete":
+            return MergeResult(out.url, plan.digest, [], already_complete=True)
+        if action == "replace":
+            log.info("%s: --overwrite: removing the previous content", out.url)
+            clear_output(out)
+        if action != "resume":
+            job = {"plan_sha256": plan.digest, "recipe": recipe.model_dump(mode="json")}
+            storage.write_bytes(out.join(STATE_DIR, JOB_FILE), canonical(job))
+        try:
+            outcomes = submit_and_gather(request, plan)
+        except InputError:
+            # The inputs themselves are bad (e.g. NaN weights found while merging): this output
+            # can never complete, so leave nothing behind.
+            lock.release()
+            storage.remove_tree(out)
+            raise
+        if not lock.held():
+            raise OutputConflict(f"{out.url}: the output lock was taken over by another merge; not committing")
+        commit(request, out, plan, outcomes, base or models[0], checkpoints)
+    finally:
+        lock.release()
     return MergeResult(out.url, plan.digest, outcomes)

@@ -179,3 +179,35 @@ def test_driver_killed_mid_merge_resumes_without_recomputing(family, tmp_path: P
     assert (out / MANIFEST_FILE).exists()
     assert not list(out.glob("*.partial*"))
     assert len(result.computed) + len(result.resumed) == len(result.shards)
+
+
+def test_two_merges_racing_to_one_output_never_mix(family, tmp_path: Path, ray_local) -> None:
+    from modelstock.errors import OutputConflict
+
+    out = tmp_path / "raced"
+    requests = [
+        MergeRequest(recipe=recipe_for(family, filter_wise=fw), out_url=str(out), shard_size=SHARD_SIZE, progress=False)
+        for fw in (False, True)
+    ]
+    outcomes: dict[int, object] = {}
+    start = threading.Barrier(2)
+
+    def run(index: int) -> None:
+        start.wait()
+        try:
+            outcomes[index] = run_merge(requests[index])
+        except OutputConflict as exc:
+            outcomes[index] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    refused = [i for i, o in outcomes.items() if isinstance(o, OutputConflict)]
+    assert len(refused) == 1, outcomes
+    winner = outcomes[1 - refused[0]]
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["plan_sha256"] == winner.plan_digest
+    assert {s["file"]: s["sha256"] for s in manifest["shards"]} == shard_hashes(out)
+    assert not (out / STATE_DIR / "lock.json").exists()

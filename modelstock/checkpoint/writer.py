@@ -165,10 +165,13 @@ class ShardWriter:
         if self._handle is None:
             return
         self._stop_sink()
-        discard = getattr(self._handle, "discard", None)
         try:
-            if callable(discard):
-                discard()  # fsspec buffered files: abandon the multipart upload
+            if self.location.is_local:
+                # fsspec refuses discard() on local (autocommit) files and would mask the original
+                # error: close the temporary file, removed below.
+                self._handle.close()
+            elif callable(getattr(self._handle, "discard", None)):
+                self._handle.discard()  # fsspec buffered files: abandon the multipart upload
             else:
                 self._handle.close()
         finally:
