@@ -77,7 +77,7 @@ def _merge(recipe: MergeRecipe, models: Sequence[StateDict], base: StateDict | N
             out_dtype=out_dtype,
             method=None if copy else method.name,
             params=None if copy else recipe.layer_parameters(name),
-            inputs=tuple(f"state_dict[{i}]" for i in range(len(inputs))),
+            inputs=("base",) * int(with_base or copy) + tuple(f"models[{i}]" for i in range(len(inputs) - int(with_base or copy))),
             input_dtypes=tuple(dtype for _ in inputs),
             has_base=copy or with_base,
             flags=("excluded",) if recipe.is_excluded(name) else ("not_floating_point",) if copy else (),

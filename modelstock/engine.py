@@ -176,8 +176,12 @@ def merge_layer(
                 reductions = reductions + partial
         reductions = reductions.cpu()
         if not bool(torch.isfinite(reductions).all()):
-            block = read(0, job.rows)
-            _raise_non_finite(job, block, "a reduction")
+            for start, stop in chunks:  # find the culprit chunk by chunk, within the budget
+                block = read(start, stop)
+                for label, tensor in zip(job.inputs, _inputs_of(block)):
+                    if not bool(torch.isfinite(tensor).all()):
+                        raise InvalidCheckpoint(f"{label}: tensor {job.name!r}: contains NaN or Inf values")
+            raise InvalidCheckpoint(f"{job.inputs[0]}: tensor {job.name!r}: task vector norms overflow float64")
         finalized = method.finalize(reductions, job.params, len(job.inputs) - int(job.has_base))
         coefficients = {k: v.to(device) if device is not None else v for k, v in finalized.coefficients.items()}
         stats.values.update(finalized.values)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -38,8 +39,19 @@ def report_bytes(report: dict[str, Any]) -> bytes:
     return (json.dumps(report, indent=1, allow_nan=False) + "\n").encode()
 
 
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def _layer_and_kind(name: str) -> tuple[int | None, str]:
+    """('model.layers.12.mlp.up_proj.weight') -> (12, 'mlp.up_proj.weight')."""
+    match = _LAYER_INDEX.search(name)
+    if match is None:
+        return None, name
+    return int(match.group(1)), name[match.end():]
+
+
 def report_png(layers: Sequence[LayerStats], title: str) -> bytes | None:
-    """cos(theta) and t per merged tensor, in plan order (None when the method has no angles)."""
+    """cos(theta) and t by layer depth, one series per tensor kind (None without angles)."""
     points = [(s.name, s.values["cos_theta"], s.values["t"]) for s in layers if "cos_theta" in s.values]
     if not points:
         return None
@@ -48,17 +60,29 @@ def report_png(layers: Sequence[LayerStats], title: str) -> bytes | None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(max(6.0, min(24.0, len(points) * 0.08)), 3.6), dpi=100)
-    positions = list(range(len(points)))
-    axis.plot(positions, [p[1] for p in points], ".", markersize=3, label="cos θ (mean pairwise)")
-    axis.plot(positions, [p[2] for p in points], ".", markersize=3, label="t (interpolation ratio)")
-    axis.axhline(0.0, color="grey", linewidth=0.5)
-    axis.set_xlabel("tensor (plan order)")
-    axis.set_title(title)
-    axis.legend(loc="best", fontsize=8)
+    depth = max((_layer_and_kind(name)[0] or 0) for name, _, _ in points) + 1
+    series: dict[str, list[tuple[float, float, float]]] = {}
+    for name, cos, ratio in points:
+        index, kind = _layer_and_kind(name)
+        # Tensors outside the layer stack (embeddings, final norm, head) sit just outside it.
+        x = float(index) if index is not None else (-1.0 if "embed" in name else float(depth))
+        series.setdefault(kind if index is not None else "outside layers", []).append((x, cos, ratio))
+    figure, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(9, 6), dpi=100)
+    for kind, values in sorted(series.items()):
+        xs = [v[0] for v in values]
+        style = "o" if kind == "outside layers" or len(values) == 1 else ".-"
+        top.plot(xs, [v[1] for v in values], style, markersize=4, linewidth=0.8, label=kind)
+        bottom.plot(xs, [v[2] for v in values], style, markersize=4, linewidth=0.8)
+    for axis, label in ((top, "cos θ (mean pairwise)"), (bottom, "t = Nc / (1 + (N-1)c)")):
+        axis.axhline(0.0, color="grey", linewidth=0.5)
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    bottom.set_xlabel("layer")
+    top.set_title(title)
+    top.legend(loc="center left", bbox_to_anchor=(1.01, 0.0), fontsize=7, frameon=False)
     figure.tight_layout()
     buffer = io.BytesIO()
-    # Fixed metadata keeps the PNG bytes reproducible run to run.
-    figure.savefig(buffer, format="png", metadata={"Software": None})
+    # No software/date metadata: the PNG bytes are reproducible run to run.
+    figure.savefig(buffer, format="png", metadata={"Software": None}, bbox_inches="tight")
     plt.close(figure)
     return buffer.getvalue()
