@@ -9,7 +9,7 @@ import torch
 
 from modelstock.dtypes import from_torch, is_float
 from modelstock.engine import LayerJob, merge_in_memory
-from modelstock.errors import IncompatibleModels
+from modelstock.errors import IncompatibleModels, InvalidRecipe
 from modelstock.layers import natural_key
 from modelstock.methods.base import LayerStats
 from modelstock.recipe import MergeRecipe, parse_recipe
@@ -41,12 +41,22 @@ def merge_state_dicts(
             ],
             "parameters": dict(parameters or {}),
             "exclude": list(exclude),
-            **({"out_dtype": {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[out_dtype]}
-               if out_dtype is not None else {}),
+            **({"out_dtype": _recipe_dtype_name(out_dtype)} if out_dtype is not None else {}),
         },
         source="merge_state_dicts",
     )
     return _merge(recipe, models, base)
+
+
+_RECIPE_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+
+
+def _recipe_dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return _RECIPE_DTYPE_NAMES[dtype]
+    except KeyError:
+        known = ", ".join(str(d) for d in _RECIPE_DTYPE_NAMES)
+        raise InvalidRecipe(f"merge_state_dicts: out_dtype {dtype} is not supported (use one of {known})") from None
 
 
 def _merge(recipe: MergeRecipe, models: Sequence[StateDict], base: StateDict | None) -> tuple[dict[str, torch.Tensor], list[LayerStats]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -152,7 +153,10 @@ def _refuse_folder(folder: Location, names: Sequence[str]) -> InvalidCheckpoint:
             "loaded, convert the checkpoint to safetensors"
         )
     if not names:
-        return InvalidCheckpoint(f"{folder.url}: empty or missing folder, expected {SINGLE_FILE} or {INDEX_FILE}")
+        hint = ""
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", folder.url):
+            hint = f" (for a Hugging Face hub repo, write hf://{folder.url})"
+        return InvalidCheckpoint(f"{folder.url}: empty or missing folder, expected {SINGLE_FILE} or {INDEX_FILE}{hint}")
     return InvalidCheckpoint(
         f"{folder.url}: no {SINGLE_FILE} or {INDEX_FILE} (found: {', '.join(names[:5])})"
     )
