@@ -173,10 +173,13 @@ class ShardWriter:
             elif callable(getattr(self._handle, "discard", None)):
                 self._handle.discard()  # fsspec buffered files: abandon the multipart upload
             else:
+                # Stores that publish on open or close (e.g. memory://): removed below.
                 self._handle.close()
         finally:
             if self.location.is_local:
                 storage.remove_file(Location(self.location.url, self.location.fs, self._temporary))
+            elif not callable(getattr(self._handle, "discard", None)):
+                storage.remove_file(self.location)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
