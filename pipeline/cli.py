@@ -68,6 +68,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         workers=args.workers,
         progress=not args.quiet,
+        device=args.device,
     )
     with ray_session(args.address, num_cpus=args.workers, quiet=args.quiet):
         result = run_merge(request)
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--memory-budget", type=parse_size, default="768MiB",
                        help="tensor memory per worker; bigger tensors are processed in chunks (default 768MiB)")
     merge.add_argument("--overwrite", action="store_true", help="replace whatever is at OUT_URL")
+    merge.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                       help="where shards are merged: auto = GPUs when the cluster has them now; "
+                            "gpu = one GPU per shard even on a cluster still scaling up")
     merge.add_argument("--storage-options", help="JSON of fsspec storage options for every URL")
     merge.set_defaults(handler=cmd_merge)
 

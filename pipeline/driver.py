@@ -68,6 +68,7 @@ class MergeRequest:
     overwrite: bool = False
     workers: int | None = None
     progress: bool = True
+    device: str = "auto"  # "gpu": ask Ray for a GPU per shard even before an autoscaler adds one
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def clear_output(out: Location) -> None:
 
 def submit_and_gather(request: MergeRequest, plan: MergePlan) -> list[ShardOutcome]:
     """One task per shard, at most ``workers`` in flight; results in plan order."""
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = request.device == "gpu" or (request.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     options = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
     window = request.workers or len(plan.shards)
     pending = list(reversed(plan.shards))
