@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -81,17 +82,38 @@ def input_fingerprints(checkpoints: Sequence[Checkpoint]) -> dict[str, dict[str,
     }
 
 
+def _split(layers: Sequence[LayerSource], count: int) -> list[list[LayerSource]]:
+    """Consecutive layers in ``count`` parts of about equal bytes (a layer goes where its middle falls)."""
+    total = sum(layer.out_nbytes for layer in layers)
+    target = total / count
+    groups: list[list[LayerSource]] = [[] for _ in range(count)]
+    position = 0
+    for layer in layers:
+        middle = position + layer.out_nbytes / 2
+        groups[min(count - 1, int(middle // target) if target else 0)].append(layer)
+        position += layer.out_nbytes
+    return [group for group in groups if group]
+
+
+def balanced_groups(layers: Sequence[LayerSource], shard_size: int) -> list[list[LayerSource]]:
+    """The fewest shards of at most ``shard_size`` bytes (a bigger tensor alone), about equal in size.
+
+    Each shard is one worker's task, so equal sizes keep every worker busy until the end (a
+    greedy fill would leave a small last shard: 2.2 GB at 2 GB shards is 2.0 + 0.2 GB).
+    """
+    total = sum(layer.out_nbytes for layer in layers)
+    count = max(1, math.ceil(total / max(shard_size, 1)))
+    while True:
+        groups = _split(layers, count)
+        if all(len(g) == 1 or sum(l.out_nbytes for l in g) <= shard_size for g in groups) or count >= len(layers):
+            return groups
+        count += 1
+
+
 def plan_shards(layers: Sequence[LayerSource], shard_size: int, checkpoints: Sequence[Checkpoint]) -> MergePlan:
     """Pack layers into shards. Digests cover the resolved per-tensor work, so two recipes that
     differ only in spelling (e.g. a default written out) plan the same merge and can resume it."""
-    groups: list[list[LayerSource]] = []
-    current_bytes = 0
-    for layer in layers:
-        if not groups or (current_bytes + layer.out_nbytes > shard_size and groups[-1]):
-            groups.append([])
-            current_bytes = 0
-        groups[-1].append(layer)
-        current_bytes += layer.out_nbytes
+    groups = balanced_groups(layers, shard_size)
     fingerprints = input_fingerprints(checkpoints)
     shards = []
     for index, group in enumerate(groups, start=1):

@@ -95,6 +95,9 @@ class Finalized:
     coefficients: dict[str, torch.Tensor]
     values: dict[str, Any]
     flags: list[str]
+    # True when the reductions covered every input value and the blend is a convex combination
+    # of the inputs: the output is then finite by construction and the engine skips checking it.
+    convex: bool = False
 
 
 ReduceFn = Callable[[LayerBlock, LayerParameters], torch.Tensor]

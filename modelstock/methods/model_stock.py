@@ -125,7 +125,8 @@ def finalize(reductions: torch.Tensor, params: LayerParameters, count: int) -> F
             t_min=float(t.min()),
             t_max=float(t.max()),
         )
-    return Finalized(coefficients={"t": t.unsqueeze(1)}, values=values, flags=flags)
+    convex = bool(((t >= 0) & (t <= 1)).all())
+    return Finalized(coefficients={"t": t.unsqueeze(1)}, values=values, flags=flags, convex=convex)
 
 
 def blend(
@@ -139,10 +140,11 @@ def blend(
     average = block.models[0].to(compute, copy=True)
     for model in block.models[1:]:
         average.add_(model)  # in-place add upcasts the storage dtype inside the kernel
-    average.div_(len(block.models))
     if t.numel() == 1:
+        # (t / N) * sum_i w_i + (1 - t) * w_0: the mean's division folded into the scaling pass.
         ratio = float(t)
-        return average.mul_(ratio).add_(block.base, alpha=1.0 - ratio)
+        return average.mul_(ratio / len(block.models)).add_(block.base, alpha=1.0 - ratio)
+    average.div_(len(block.models))
     t = t.to(compute)
     return average.mul_(t).add_(block.base.to(compute) * (1 - t))
 
