@@ -66,10 +66,22 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status behind a client library's exception, when it carries one."""
+    response = getattr(exc, "response", None)
+    for candidate in (getattr(response, "status_code", None), getattr(exc, "status", None), getattr(exc, "code", None)):
+        if isinstance(candidate, int) and 100 <= candidate < 600:
+            return candidate
+    return None
+
+
 def is_transient(exc: BaseException) -> bool:
     """Network and server faults worth retrying (timeouts, resets, 5xx, truncated bodies)."""
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
+    status = http_status(exc)
+    if status is not None and 400 <= status < 500 and status not in (408, 429):
+        return False  # the request itself is wrong: retrying cannot help
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     module = type(exc).__module__ or ""
@@ -91,6 +103,11 @@ def storage_call(what: str, call: Callable[[], T], *, retries: Sequence[float] =
         except PermissionError as exc:
             raise StorageAccessError(f"{what}: access denied ({describe(exc)})") from None
         except Exception as exc:  # noqa: BLE001 - classified right here, never swallowed
+            status = http_status(exc)
+            if status in (404, 410):
+                raise StorageAccessError(f"{what}: not found (HTTP {status})") from None
+            if status in (401, 403):
+                raise StorageAccessError(f"{what}: access denied (HTTP {status})") from None
             if not is_transient(exc):
                 raise
             if attempt == len(retries):
@@ -100,12 +117,19 @@ def storage_call(what: str, call: Callable[[], T], *, retries: Sequence[float] =
     raise AssertionError("unreachable")
 
 
+def _generic_cat_file(fs: fsspec.AbstractFileSystem) -> bool:
+    """True when the backend reads ranges through fsspec's buffered file (e.g. HfFileSystem),
+    whose default read-ahead cache would fetch a block past every range asked for."""
+    return type(fs).cat_file is fsspec.AbstractFileSystem.cat_file
+
+
 def read_range(location: Location, start: int, end: int) -> bytes:
     """Bytes ``[start, end)`` of one object, as a single ranged request."""
     if end <= start:
         return b""
+    extra = {"cache_type": "none"} if _generic_cat_file(location.fs) else {}
     data = storage_call(
-        location.url, lambda: location.fs.cat_file(location.path, start=start, end=end)
+        location.url, lambda: location.fs.cat_file(location.path, start=start, end=end, **extra)
     )
     if len(data) != end - start:
         raise StorageError(
@@ -119,7 +143,7 @@ def read_ranges(locations: Sequence[Location], starts: Sequence[int], ends: Sequ
     if not locations:
         return []
     fs = locations[0].fs
-    if any(loc.fs is not fs for loc in locations):
+    if any(loc.fs is not fs for loc in locations) or _generic_cat_file(fs):
         return [read_range(loc, s, e) for loc, s, e in zip(locations, starts, ends)]
     what = ", ".join(sorted({loc.url for loc in locations}))
     blobs = storage_call(
