@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import fsspec
+from fsspec.asyn import AsyncFileSystem
 from fsspec.core import url_to_fs
 
 from modelstock.errors import StorageAccessError, StorageError
@@ -119,7 +120,12 @@ def storage_call(what: str, call: Callable[[], T], *, retries: Sequence[float] =
 
 def _generic_cat_file(fs: fsspec.AbstractFileSystem) -> bool:
     """True when the backend reads ranges through fsspec's buffered file (e.g. HfFileSystem),
-    whose default read-ahead cache would fetch a block past every range asked for."""
+    whose default read-ahead cache would fetch a block past every range asked for.
+
+    Async backends (s3fs, gcsfs, adlfs) implement ranged reads natively in ``_cat_file``; their
+    sync ``cat_file`` is bound per instance, so the class attribute alone would misclassify them."""
+    if isinstance(fs, AsyncFileSystem):
+        return False
     return type(fs).cat_file is fsspec.AbstractFileSystem.cat_file
 
 

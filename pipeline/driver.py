@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 2 * 1000**3
 DEFAULT_MEMORY_BUDGET = 768 * 1024**2
+CANCEL_WAIT_S = 60.0
 TORCH_DTYPE_NAMES = {v: k for k, v in RECIPE_DTYPES.items() if k in ("float32", "float16", "bfloat16", "float64")}
 
 
@@ -158,6 +159,10 @@ def submit_and_gather(request: MergeRequest, plan: MergePlan) -> list[ShardOutco
     except BaseException:
         for ref in in_flight:
             ray.cancel(ref, force=False)
+        # Let the cancelled tasks end (their writers remove their partial files) before the caller
+        # cleans up or reports: a straggler must not write into an output that was just removed.
+        if in_flight:
+            ray.wait(list(in_flight), num_returns=len(in_flight), timeout=CANCEL_WAIT_S)
         raise
     finally:
         bar.close()
@@ -247,15 +252,17 @@ def run_merge(request: MergeRequest) -> MergeResult:
             storage.write_bytes(out.join(STATE_DIR, JOB_FILE), canonical(job))
         try:
             outcomes = submit_and_gather(request, plan)
+            if not lock.held():
+                raise OutputConflict(f"{out.url}: the output lock was taken over by another merge; not committing")
+            commit(request, out, plan, outcomes, base or models[0], checkpoints)
+        except OutputConflict:
+            raise  # another merge owns the output now: leave it alone
         except InputError:
-            # The inputs themselves are bad (e.g. NaN weights found while merging): this output
-            # can never complete, so leave nothing behind.
+            # The inputs themselves are bad (NaN weights found while merging, an unreadable
+            # config.json at commit): this output can never complete, so leave nothing behind.
             lock.release()
             storage.remove_tree(out)
             raise
-        if not lock.held():
-            raise OutputConflict(f"{out.url}: the output lock was taken over by another merge; not committing")
-        commit(request, out, plan, outcomes, base or models[0], checkpoints)
     finally:
         lock.release()
     return MergeResult(out.url, plan.digest, outcomes)

@@ -102,6 +102,8 @@ def _parse_json(url: str, raw: bytes) -> dict[str, object]:
         parsed = json.loads(stripped, object_pairs_hook=_reject_duplicates(url))
     except json.JSONDecodeError as exc:
         raise InvalidCheckpoint(f"{url}: header is not valid JSON ({exc.msg} at char {exc.pos})") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits (int_max_str_digits)
+        raise InvalidCheckpoint(f"{url}: header is not valid JSON ({exc})") from None
     except RecursionError:
         raise InvalidCheckpoint(f"{url}: header JSON is nested too deeply") from None
     if not isinstance(parsed, dict):
