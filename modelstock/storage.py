@@ -9,7 +9,9 @@ module that defines them rather than imported.
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -91,11 +93,13 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and not isinstance(exc, FileExistsError)
 
 
-def storage_call(what: str, call: Callable[[], T], *, retries: Sequence[float] = RETRY_DELAYS_S) -> T:
+def storage_call(what: str, call: Callable[[], T], *, retries: Sequence[float] | None = None) -> T:
     """Run one storage operation, retrying transient faults, mapping failures to our errors.
 
-    ``what`` names the object (URL) for the error message.
+    ``what`` names the object (URL) for the error message; ``retries`` are the delays between
+    attempts (default ``RETRY_DELAYS_S``, read at call time).
     """
+    retries = RETRY_DELAYS_S if retries is None else retries
     for attempt in range(len(retries) + 1):
         try:
             return call()
@@ -211,15 +215,22 @@ def write_bytes(location: Location, data: bytes) -> None:
 def create_exclusive(location: Location, data: bytes) -> bool:
     """Create an object only if it does not exist yet (atomically); False if it already exists.
 
-    Local files use O_EXCL; object stores a conditional put (S3 ``If-None-Match: *`` through
+    Local files are hard-linked into place; object stores use a conditional put (S3 ``If-None-Match: *`` through
     fsspec's ``mode="create"``).
     """
     def create() -> bool:
         try:
             if location.is_local:
+                # Write a private file, then hard-link it into place: the name appears atomically
+                # with its full content (O_EXCL alone would expose an empty file to readers).
                 location.fs.makedirs(posixpath.dirname(location.path), exist_ok=True)
-                with location.fs.open(location.path, "xb") as handle:
+                temporary = f"{location.path}.partial-{os.getpid()}-{threading.get_ident()}"
+                with open(temporary, "wb") as handle:
                     handle.write(data)
+                try:
+                    os.link(temporary, location.path)
+                finally:
+                    os.unlink(temporary)
             else:
                 location.fs.pipe_file(location.path, data, mode="create")
         except FileExistsError:

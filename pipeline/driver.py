@@ -19,7 +19,7 @@ from tqdm import tqdm
 from modelstock import storage
 from modelstock.checkpoint.reader import Checkpoint, open_checkpoint
 from modelstock.dtypes import RECIPE_DTYPES
-from modelstock.errors import InputError, ModelStockError, OutputConflict
+from modelstock.errors import InputError, ModelStockError, OutputConflict, StorageError
 from modelstock.layers import plan_layers
 from modelstock.methods.base import LayerStats
 from modelstock.output import (
@@ -226,15 +226,47 @@ def commit(request: MergeRequest, out: Location, plan: MergePlan, outcomes: list
     storage.write_bytes(out.join(MANIFEST_FILE), (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
 
 
-def run_merge(request: MergeRequest) -> MergeResult:
-    """Validate, plan, submit, gather, commit. Bad input raises before anything is written."""
+@dataclass(frozen=True)
+class PreparedMerge:
+    """A validated, planned merge: everything decided from headers, nothing written, no Ray."""
+
+    out: Location
+    plan: MergePlan
+    base: Checkpoint | None
+    models: list[Checkpoint]
+
+    @property
+    def checkpoints(self) -> list[Checkpoint]:
+        return ([self.base] if self.base else []) + self.models
+
+
+def prepare_merge(request: MergeRequest) -> PreparedMerge:
+    """Validate the output location and every input's headers, and plan the shards.
+
+    Runs before Ray is started, so bad input is refused in a second, with nothing written.
+    """
     out = storage.resolve(request.out_url, request.storage_options)
     recipe = request.recipe
     check_not_overlapping(out, ([recipe.base_model] if recipe.base_model else []) + recipe.model_urls, request.storage_options)
     plan, base, models = plan_merge(request)
-    checkpoints = ([base] if base else []) + models
     log.info("plan: %d shards, %.2f GB out, %.2f GB to read", len(plan.shards), plan.total_size / 1e9, plan.input_bytes / 1e9)
-    # Decide once before taking the lock (refuse without touching the output), then again under it.
+    output_action(read_output_state(out), plan, request.overwrite, out)  # refuse early, touch nothing
+    return PreparedMerge(out, plan, base, models)
+
+
+def _release_quietly(lock: OutputLock) -> None:
+    """Release the lock without letting a storage fault hide the error being raised."""
+    try:
+        lock.release()
+    except StorageError as exc:
+        log.warning("could not release the output lock: %s", exc)
+
+
+def run_merge(request: MergeRequest, prepared: PreparedMerge | None = None) -> MergeResult:
+    """Validate, plan, submit, gather, commit. Bad input raises before anything is written."""
+    prepared = prepared or prepare_merge(request)
+    out, plan = prepared.out, prepared.plan
+    # Decided once before taking the lock (refuse without touching the output), then under it.
     if output_action(read_output_state(out), plan, request.overwrite, out) == "complete":
         log.info("%s already holds this merge (manifest matches); nothing to do", out.url)
         return MergeResult(out.url, plan.digest, [], already_complete=True)
@@ -248,21 +280,21 @@ def run_merge(request: MergeRequest) -> MergeResult:
             log.info("%s: --overwrite: removing the previous content", out.url)
             clear_output(out)
         if action != "resume":
-            job = {"plan_sha256": plan.digest, "recipe": recipe.model_dump(mode="json")}
+            job = {"plan_sha256": plan.digest, "recipe": request.recipe.model_dump(mode="json")}
             storage.write_bytes(out.join(STATE_DIR, JOB_FILE), canonical(job))
         try:
             outcomes = submit_and_gather(request, plan)
             if not lock.held():
                 raise OutputConflict(f"{out.url}: the output lock was taken over by another merge; not committing")
-            commit(request, out, plan, outcomes, base or models[0], checkpoints)
+            commit(request, out, plan, outcomes, prepared.base or prepared.models[0], prepared.checkpoints)
         except OutputConflict:
             raise  # another merge owns the output now: leave it alone
         except InputError:
             # The inputs themselves are bad (NaN weights found while merging, an unreadable
             # config.json at commit): this output can never complete, so leave nothing behind.
-            lock.release()
+            _release_quietly(lock)
             storage.remove_tree(out)
             raise
     finally:
-        lock.release()
+        _release_quietly(lock)
     return MergeResult(out.url, plan.digest, outcomes)
