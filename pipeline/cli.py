@@ -14,7 +14,7 @@ import logging
 import re
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import cluster  # noqa: F401  - sets Ray's environment defaults before ray is imported
 
@@ -23,6 +23,7 @@ from modelstock.errors import InputError, InvalidRecipe, ModelStockError
 log = logging.getLogger("modelstock")
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+OWN_LOGGERS = ("modelstock", "pipeline", "cluster")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
 
@@ -57,7 +58,7 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
 def cmd_merge(args: argparse.Namespace) -> int:
     from cluster.session import ray_session
     from modelstock.recipe import load_recipe
-    from pipeline.driver import MergeRequest, run_merge
+    from pipeline.driver import MergeRequest, prepare_merge, run_merge
 
     request = MergeRequest(
         recipe=load_recipe(args.config),
@@ -70,8 +71,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         device=args.device,
     )
+    prepared = prepare_merge(request)  # headers and plan first: bad input never waits for Ray
     with ray_session(args.address, num_cpus=args.workers, quiet=args.quiet):
-        result = run_merge(request)
+        result = run_merge(request, prepared)
+        if args.eval:  # evaluation of the merge just written, on the same Ray session
+            from pipeline.cli_eval import evaluate_merged
+
+            evaluate_merged(args, result.out_url)
     if result.already_complete:
         print(f"{result.out_url}: already complete (same recipe and inputs); nothing to do")
     else:
@@ -108,13 +114,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """Usage errors are bad input too: one line on stderr and exit code 2, not usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"modelstock: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a subcommand's default must not overwrite a flag given before the subcommand.
     common.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS,
                         help="no progress bars, warnings only")
     common.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help="debug logging")
-    parser = argparse.ArgumentParser(prog="modelstock", description=__doc__.splitlines()[0], parents=[common])
+    parser = _OneLineErrors(prog="modelstock", description=__doc__.splitlines()[0], parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser = functools.partial(sub.add_parser, parents=[common])  # type: ignore[method-assign]
 
@@ -131,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where shards are merged: auto = GPUs when the cluster has them now; "
                             "gpu = one GPU per shard even on a cluster still scaling up")
     merge.add_argument("--storage-options", help="JSON of fsspec storage options for every URL")
+    merge.add_argument("--eval", metavar="SUITE.yml", help="evaluate the merge on this eval suite (ID + OOD table)")
     merge.set_defaults(handler=cmd_merge)
 
     inspect = sub.add_parser("inspect", help="list a checkpoint's tensors from its headers alone")
@@ -150,10 +164,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.quiet = getattr(args, "quiet", False)
     args.verbose = getattr(args, "verbose", False)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
+        level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.verbose:
+        # Our own debug output only: botocore at DEBUG logs signed request headers, session
+        # tokens included, and credentials are never printed.
+        for name in OWN_LOGGERS:
+            logging.getLogger(name).setLevel(logging.DEBUG)
     try:
         return args.handler(args)
     except InputError as exc:

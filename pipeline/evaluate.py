@@ -215,7 +215,8 @@ def _role(suite: EvalSuite, dataset: DatasetSpec) -> str:
 
 
 class RayEvaluator:
-    """A pool of evaluation actors kept alive across calls (greedy soups evaluate in a loop)."""
+    """A pool of evaluation actors, started on first use and kept alive across calls (greedy soups
+    evaluate in a loop) until ``release`` or the end of the ``with`` block."""
 
     def __init__(self, storage_options: Mapping[str, Any] | None = None, workers: int | None = None,
                  batch_size: int = 256, progress: bool = True) -> None:
@@ -224,19 +225,33 @@ class RayEvaluator:
         self.progress = progress
         resources = ray.cluster_resources()
         self.use_gpu = resources.get("GPU", 0) > 0
-        slots = int(resources.get("GPU", 0)) if self.use_gpu else int(resources.get("CPU", 1))
+        self.gpus = resources.get("GPU", 0.0)
+        slots = int(self.gpus) if self.use_gpu else int(resources.get("CPU", 1))
         self.workers = max(1, workers or slots)
         self._actors: list[Any] = []
 
     def __enter__(self) -> "RayEvaluator":
-        options = {"num_gpus": 1, "num_cpus": 0} if self.use_gpu else {"num_cpus": 1}
-        self._actors = [
-            EvalWorker.options(**options).remote(self.storage_options, self.batch_size, self.use_gpu)
-            for _ in range(self.workers)
-        ]
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
+
+    def _ensure_actors(self) -> None:
+        if not self._actors:
+            # More actors than GPUs share them (fractional GPUs) rather than wait for ever.
+            share = min(1.0, self.gpus / self.workers)
+            options = {"num_gpus": share, "num_cpus": 0} if self.use_gpu else {"num_cpus": 1}
+            self._actors = [
+                EvalWorker.options(**options).remote(self.storage_options, self.batch_size, self.use_gpu)
+                for _ in range(self.workers)
+            ]
+
+    def release(self) -> None:
+        """Stop the actors and free their CPUs/GPUs (e.g. before merge tasks need them).
+
+        The next evaluation starts a fresh pool. Actors hold their resources while alive, so a
+        merge submitted while they live would wait for ever on a small cluster.
+        """
         for actor in self._actors:
             ray.kill(actor)
         self._actors = []
@@ -246,8 +261,7 @@ class RayEvaluator:
 
     def score(self, sources: Sequence[ModelSource], shards: Sequence[DatasetShard]) -> list[ShardScore]:
         """Every (model, shard) pair, spread over the actors, two in flight per actor."""
-        if not self._actors:
-            raise RuntimeError("RayEvaluator is used outside its `with` block")
+        self._ensure_actors()
         pending = [WorkItem(source, shard) for source in sources for shard in shards][::-1]
         in_flight: dict[ray.ObjectRef, int] = {}
         load = [0] * len(self._actors)

@@ -108,6 +108,7 @@ def run_soup(request: SoupRequest, evaluator: RayEvaluator | None = None) -> Sou
                 result, held_out = select_greedy(recipe, request.suite, own, request.strict)
         else:
             result, held_out = select_greedy(recipe, request.suite, evaluator, request.strict)
+            evaluator.release()  # the merge tasks below need the CPUs/GPUs the actors hold
         accepted = result.accepted
         log.info("greedy soup: kept %d of %d ingredients", len(accepted), len(recipe.models))
     by_url = {entry.model: entry for entry in recipe.models}

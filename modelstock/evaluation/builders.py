@@ -86,12 +86,23 @@ class LogitsOf(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=pixels).logits
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):  # type: ignore[override]
-        # Checkpoints hold the transformers model's own names, without our wrapper's prefix.
-        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+    def load_checkpoint_state(self, state: Mapping[str, torch.Tensor], url: str) -> None:
+        """Load a checkpoint's tensors the way transformers does, strictly.
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
-        return self.model.state_dict(*args, **kwargs)
+        transformers 5 renames some weights on load (checkpoints keep the legacy names, e.g. ViT's
+        ``attention.attention.key`` vs the module's ``k_proj``), so the state goes through
+        ``from_pretrained(None, config=..., state_dict=...)``, which applies that conversion; any
+        missing, unexpected or mis-shaped tensor is an error rather than a random init.
+        """
+        model_class = type(self.model)
+        loaded, info = model_class.from_pretrained(
+            None, config=self.model.config, state_dict=dict(state), output_loading_info=True
+        )
+        for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+            problems = sorted(str(k) for k in info.get(kind) or [])
+            if problems:
+                raise IncompatibleModels(f"{url}: tensor {problems[0]} is {kind.replace('_', ' ')[:-1]} ({len(problems)} in all)")
+        self.model = loaded.eval()
 
 
 @register_builder("transformers")
@@ -136,6 +147,11 @@ def read_state_dict(url: str, storage_options: Mapping[str, Any] | None = None) 
 
 
 def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], url: str) -> nn.Module:
+    """Load ``state`` strictly: every tensor present, none extra, every shape equal."""
+    custom = getattr(module, "load_checkpoint_state", None)
+    if callable(custom):
+        custom(state, url)
+        return module.eval()
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

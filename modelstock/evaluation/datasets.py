@@ -142,8 +142,21 @@ def _parquet_files(spec: DatasetSpec, storage_options: Mapping[str, Any] | None)
     return [root.join(n) for n in names]
 
 
-def _open_parquet(location: storage.Location) -> pq.ParquetFile:
-    return storage.storage_call(location.url, lambda: pq.ParquetFile(location.fs.open(location.path, "rb")))
+def _footer(location: storage.Location) -> pq.FileMetaData:
+    def read() -> pq.FileMetaData:
+        with location.fs.open(location.path, "rb") as handle:
+            return pq.ParquetFile(handle).metadata
+
+    return storage.storage_call(location.url, read)
+
+
+def _row_groups(location: storage.Location, row_groups: list[int]) -> tuple[pa.Table, dict[bytes, bytes] | None]:
+    def read() -> tuple[pa.Table, dict[bytes, bytes] | None]:
+        with location.fs.open(location.path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            return parquet.read_row_groups(row_groups), parquet.schema_arrow.metadata
+
+    return storage.storage_call(location.url, read)
 
 
 def plan_dataset_shards(
@@ -152,7 +165,7 @@ def plan_dataset_shards(
     """Shards of about ``rows_per_shard`` rows from the Parquet footers alone (row groups are not split)."""
     shards: list[DatasetShard] = []
     for location in _parquet_files(spec, storage_options):
-        metadata = _open_parquet(location).metadata
+        metadata = _footer(location)
         group: list[int] = []
         rows = 0
         for index in range(metadata.num_row_groups):
@@ -194,9 +207,7 @@ def _metadata_json(metadata: Mapping[bytes, bytes] | None, key: bytes) -> Any:
 def read_shard(shard: DatasetShard, storage_options: Mapping[str, Any] | None = None) -> ShardData:
     """Read one shard's rows as model-ready tensors (normalised if the suite says so)."""
     location = storage.resolve(shard.file_url, storage_options)
-    parquet = _open_parquet(location)
-    table = storage.storage_call(location.url, lambda: parquet.read_row_groups(list(shard.row_groups)))
-    metadata = parquet.schema_arrow.metadata
+    table, metadata = _row_groups(location, list(shard.row_groups))
     if "label" not in table.column_names:
         raise StorageAccessError(f"{shard.file_url}: dataset {shard.dataset.name} has no 'label' column")
     labels = torch.from_numpy(table.column("label").to_numpy().astype("int64"))
