@@ -87,6 +87,26 @@ class MergeRecipe(BaseModel):
             raise ValueError("only tokenizer_source: base is supported (the tokenizer is copied from the base model)")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _skip_base_among_models(cls, data: Any) -> Any:
+        """mergekit lists the base among the models for ties, dare, slerp...; it is not a task vector.
+
+        Such entries are dropped, as mergekit does. Model Stock refuses them instead (below): N and
+        the angle would silently change.
+        """
+        if not isinstance(data, dict) or not isinstance(data.get("models"), list) or not data.get("base_model"):
+            return data
+        try:
+            method = get_method(str(data.get("merge_method")))
+        except InvalidRecipe:
+            return data
+        if not method.needs_base or method.refuse_base_in_models:
+            return data
+        base = str(data["base_model"]).rstrip("/")
+        kept = [e for e in data["models"] if not (isinstance(e, dict) and str(e.get("model", "")).rstrip("/") == base)]
+        return {**data, "models": kept} if len(kept) != len(data["models"]) else data
+
     @model_validator(mode="after")
     def _method_rules(self) -> "MergeRecipe":
         method = get_method(self.merge_method)
@@ -107,7 +127,10 @@ class MergeRecipe(BaseModel):
         if duplicates:
             raise ValueError(f"model {duplicates[0]} is listed twice")
         if method.needs_base and self.base_model and self.base_model.rstrip("/") in urls:
-            raise ValueError(f"base_model {self.base_model} is also listed among the models")
+            raise ValueError(
+                f"base_model {self.base_model} is also listed among the models; "
+                f"{self.merge_method} takes it once, as base_model"
+            )
         _check_parameter_names(self, method)
         return self
 

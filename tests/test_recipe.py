@@ -222,3 +222,19 @@ def test_parse_recipe_names_its_source() -> None:
         {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 2}}, {"model": "b"}]}
     )
     assert [p.weight for p in weights_as_ints.layer_parameters("w").models] == [2.0, 1.0]
+
+
+@pytest.mark.parametrize("method, parameters", [("ties", "{weight: 1.0, density: 0.5}"), ("task_arithmetic", "{weight: 1.0}")])
+def test_base_among_models_is_skipped_as_mergekit_does(tmp_path: Path, method: str, parameters: str) -> None:
+    path = tmp_path / "recipe.yml"
+    path.write_text(
+        f"merge_method: {method}\nbase_model: s3://b/base\nmodels:\n  - model: s3://b/base\n"
+        f"  - model: s3://b/x\n    parameters: {parameters}\n"
+    )
+    assert load_recipe(path).model_urls == ["s3://b/x"]
+
+
+def test_slerp_in_mergekit_form_lists_base_and_one_model(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yml"
+    path.write_text("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}]\nparameters: {t: 0.3}\n")
+    assert load_recipe(path).model_urls == ["b"]

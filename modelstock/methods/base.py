@@ -121,6 +121,8 @@ class MergeMethod:
     finalize: FinalizeFn | None = None
     reduction_scope: ScopeFn = lambda params, shape: "tensor"
     whole_tensor: bool = False
+    # mergekit configs list the base among the models; most methods skip it as mergekit does.
+    refuse_base_in_models: bool = False
     summary: str = ""
 
     def parameter_names(self) -> tuple[set[str], set[str]]:

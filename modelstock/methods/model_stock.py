@@ -160,5 +160,6 @@ METHOD = register(
         finalize=finalize,
         blend=blend,
         reduction_scope=reduction_scope,
+        refuse_base_in_models=True,  # N and the angle would silently include a zero task vector
     )
 )
