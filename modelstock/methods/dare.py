@@ -88,7 +88,7 @@ def _dropped(block: LayerBlock, params: LayerParameters, index: int, delta: torc
     return torch.where(mask.reshape(delta.shape), delta, 0.0)
 
 
-def l1_norms(block: LayerBlock, params: LayerParameters) -> torch.Tensor:
+def l1_norms(block: LayerBlock, params: LayerParameters, compute: torch.dtype = torch.float64) -> torch.Tensor:
     """Per row, per model: ``|d_i|_1``, ``|dropped d_i|_1`` and the kept count, in float64."""
     assert block.base is not None
     base = block.base.to(torch.float64)

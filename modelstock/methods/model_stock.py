@@ -45,8 +45,13 @@ def reduction_scope(params: LayerParameters, shape: tuple[int, ...]) -> Reductio
     return "rows" if params.method.filter_wise and len(shape) >= 2 else "tensor"
 
 
-def task_vector_gram(block: LayerBlock, params: LayerParameters) -> torch.Tensor:
-    """Inner products <d_i, d_j> in float64: shape (rows, N*N) per row, or (1, N*N) summed."""
+def task_vector_gram(block: LayerBlock, params: LayerParameters, compute: torch.dtype = torch.float64) -> torch.Tensor:
+    """Inner products <d_i, d_j> in float64: shape (rows, N*N) per row, or (1, N*N) summed.
+
+    Always float64, whatever the output dtype: the report's angles are exact to ~1e-15 and the
+    merge does not depend on the fine-tunes' order (float32 runs would be 2x faster here but
+    move t by ~1e-8, enough to flip a few bf16 roundings per million weights on a reorder).
+    """
     assert block.base is not None
     base = block.base.to(torch.float64)
     count = len(block.models)
