@@ -313,7 +313,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument("--json", type=Path, help="write the results here as JSON")
     ms = parser.add_argument_group("modelstock")
     ms.add_argument("--shard-size", type=parse_size, default="2GB", help="output shard size (floor and modelstock)")
-    ms.add_argument("--memory-budget", type=parse_size, default="768MiB", help="modelstock's per-worker budget")
+    ms.add_argument("--memory-budget", type=parse_size, default="512MiB", help="modelstock's per-worker budget")
     ms.add_argument("--workers", type=int, help="modelstock --workers (default: as many as Ray schedules)")
     mk = parser.add_argument_group("mergekit")
     mk.add_argument("--mergekit-threads", type=int, help="mergekit-yaml -j")

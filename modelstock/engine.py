@@ -150,6 +150,7 @@ def merge_layer(
                 source = _inputs_of(block)[0]
                 _check_finite(job, block, source, "the copied tensor")
                 yield source.to(out_torch)
+                block = source = None  # type: ignore[assignment]  # free before the next read
 
         return stats, copied()
 
@@ -169,6 +170,7 @@ def merge_layer(
                 partials.append(partial if scope == "rows" else partial.sum(dim=0, keepdim=True))
             if len(chunks) == 1:
                 first_chunk = block
+            block = sub = None  # type: ignore[assignment]  # free before the next read: 1 chunk at a time
         if scope == "rows":
             reductions = torch.cat(partials)
         else:
@@ -202,6 +204,8 @@ def merge_layer(
                 if not verified_finite:
                     _check_finite(job, sub, merged, "the merged tensor")
                 yield merged.to(out_torch).cpu()
+                merged = None  # type: ignore[assignment]
+            block = sub = None  # type: ignore[assignment]  # free before the next read: 1 chunk at a time
 
     return stats, blended()
 

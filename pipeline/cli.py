@@ -137,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else embedded local Ray)")
     merge.add_argument("--workers", type=int, help="most shards merged at once (default: as many as Ray schedules)")
     merge.add_argument("--shard-size", type=parse_size, default="2GB", help="output shard size (default 2GB)")
-    merge.add_argument("--memory-budget", type=parse_size, default="768MiB",
-                       help="tensor memory per worker; bigger tensors are processed in chunks (default 768MiB)")
+    merge.add_argument("--memory-budget", type=parse_size, default="512MiB",
+                       help="tensor memory per worker; bigger tensors are processed in chunks (default 512MiB)")
     merge.add_argument("--overwrite", action="store_true", help="replace whatever is at OUT_URL")
     merge.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                        help="where shards are merged: auto = GPUs when the cluster has them now; "

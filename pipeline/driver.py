@@ -54,7 +54,7 @@ from pipeline.worker import ShardOutcome, ShardTask, merge_shard_task
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 2 * 1000**3
-DEFAULT_MEMORY_BUDGET = 768 * 1024**2
+DEFAULT_MEMORY_BUDGET = 512 * 1024**2
 CANCEL_WAIT_S = 60.0
 TORCH_DTYPE_NAMES = {v: k for k, v in RECIPE_DTYPES.items() if k in ("float32", "float16", "bfloat16", "float64")}
 
@@ -138,7 +138,11 @@ def clear_output(out: Location) -> None:
 def submit_and_gather(request: MergeRequest, plan: MergePlan) -> list[ShardOutcome]:
     """One task per shard, at most ``workers`` in flight; results in plan order."""
     use_gpu = request.device == "gpu" or (request.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-    options = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+    options: dict[str, Any] = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+    # glibc reads MALLOC_ARENA_MAX at process start: with an arena per thread (Ray's, the
+    # reader's, the writer's) freed tensor blocks are not reused across threads and a worker's
+    # heap grows well past its memory budget.
+    options["runtime_env"] = {"env_vars": {"MALLOC_ARENA_MAX": "2"}}
     window = request.workers or len(plan.shards)
     pending = list(reversed(plan.shards))
     in_flight: dict[ray.ObjectRef, str] = {}
