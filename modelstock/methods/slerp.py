@@ -27,7 +27,7 @@ class SlerpParameters:
     t: float
 
 
-def inner_products(block: LayerBlock, params: LayerParameters) -> torch.Tensor:
+def inner_products(block: LayerBlock, params: LayerParameters, compute: torch.dtype = torch.float64) -> torch.Tensor:
     """Per row, in float64: ``|w_0|^2``, ``|w_1|^2``, ``<w_0, w_1>``."""
     assert block.base is not None
     a = block.base.to(torch.float64)
