@@ -76,9 +76,16 @@ def merge_into_shard(
             prefetch(0)
             for index, source in enumerate(layers):
                 layer_stats, blocks = merge_layer(source.job, reader(index), chunk_budget, device)
-                prefetch(index + 1)
+                # A layer read in one chunk is in memory now: fetch the next one while it blends.
+                # A chunked layer re-reads its chunks to blend them: the next waits, so the worker
+                # never holds more than two chunks.
+                in_one_chunk = len(row_chunks(source.job, chunk_budget)) == 1
+                if in_one_chunk:
+                    prefetch(index + 1)
                 for block in blocks:
                     writer.write_block(source.job.name, block)
+                if not in_one_chunk:
+                    prefetch(index + 1)
                 stats.append(layer_stats)
         for future in prefetched.values():
             future.cancel()

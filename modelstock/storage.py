@@ -133,10 +133,29 @@ def _generic_cat_file(fs: fsspec.AbstractFileSystem) -> bool:
     return type(fs).cat_file is fsspec.AbstractFileSystem.cat_file
 
 
-def read_range(location: Location, start: int, end: int) -> bytes:
+def _read_local_range(location: Location, start: int, end: int) -> bytearray:
+    """Local files: read straight into one buffer (no intermediate bytes object to copy)."""
+    buffer = bytearray(end - start)
+    with open(location.path, "rb", buffering=0) as handle:
+        handle.seek(start)
+        view = memoryview(buffer)
+        filled = 0
+        while filled < len(buffer):
+            count = handle.readinto(view[filled:])
+            if not count:
+                break
+            filled += count
+    if filled != len(buffer):
+        raise StorageError(f"{location.url}: asked for bytes [{start}, {end}) but the file ends early (changed?)")
+    return buffer
+
+
+def read_range(location: Location, start: int, end: int) -> bytes | bytearray:
     """Bytes ``[start, end)`` of one object, as a single ranged request."""
     if end <= start:
         return b""
+    if location.is_local:
+        return storage_call(location.url, lambda: _read_local_range(location, start, end))
     extra = {"cache_type": "none"} if _generic_cat_file(location.fs) else {}
     data = storage_call(
         location.url, lambda: location.fs.cat_file(location.path, start=start, end=end, **extra)
@@ -148,12 +167,12 @@ def read_range(location: Location, start: int, end: int) -> bytes:
     return data
 
 
-def read_ranges(locations: Sequence[Location], starts: Sequence[int], ends: Sequence[int]) -> list[bytes]:
+def read_ranges(locations: Sequence[Location], starts: Sequence[int], ends: Sequence[int]) -> list[bytes | bytearray]:
     """Several ranged reads issued together (concurrently on async backends such as s3fs)."""
     if not locations:
         return []
     fs = locations[0].fs
-    if any(loc.fs is not fs for loc in locations) or _generic_cat_file(fs):
+    if any(loc.fs is not fs for loc in locations) or _generic_cat_file(fs) or locations[0].is_local:
         return [read_range(loc, s, e) for loc, s, e in zip(locations, starts, ends)]
     what = ", ".join(sorted({loc.url for loc in locations}))
     blobs = storage_call(

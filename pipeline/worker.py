@@ -82,7 +82,7 @@ def keep_large_buffers_in_heap() -> None:
     # Few arenas: with one per thread (reader, writer, Ray's own), freed blocks of one thread are
     # not reused by another and the heap grows well past the budget (measured +60%).
     libc.mallopt(M_ARENA_MAX, 2)
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_MMAP_THRESHOLD, 48 << 20)
     libc.mallopt(M_TRIM_THRESHOLD, 128 << 20)
 
 
