@@ -70,6 +70,7 @@ class MergeRequest:
     workers: int | None = None
     progress: bool = True
     device: str = "auto"  # "gpu": ask Ray for a GPU per shard even before an autoscaler adds one
+    extra_files: Mapping[str, bytes] = field(default_factory=dict)  # e.g. a soup's record; in the manifest
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,7 @@ def commit(request: MergeRequest, out: Location, plan: MergePlan, outcomes: list
     plot = report_png(layers, f"{recipe.merge_method}: cos θ and t by tensor")
     if plot is not None:
         written[REPORT_PLOT_FILE] = plot
+    written.update(request.extra_files)
     written[MODEL_CARD_FILE] = model_card(recipe_yaml, recipe.base_model, recipe.merge_method, recipe.model_urls, report["summary"])
     for name, raw in written.items():
         storage.write_bytes(out.join(name), raw)

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from modelstock import storage
 from modelstock.errors import InvalidRecipe
 from modelstock.evaluation.datasets import EvalSuite
 from modelstock.evaluation.scoring import ModelSource
@@ -113,11 +112,10 @@ def run_soup(request: SoupRequest, evaluator: RayEvaluator | None = None) -> Sou
         log.info("greedy soup: kept %d of %d ingredients", len(accepted), len(recipe.models))
     by_url = {entry.model: entry for entry in recipe.models}
     soup = recipe.model_copy(update={"models": [by_url[url] for url in accepted], "base_model": None})
+    record = soup_record(recipe, request, accepted, held_out, result)
     merged = run_merge(MergeRequest(
         recipe=soup, out_url=request.out_url, storage_options=request.storage_options,
         overwrite=request.overwrite, workers=request.workers, progress=request.progress,
+        extra_files={SOUP_FILE: (json.dumps(record, indent=1) + "\n").encode()},  # before the manifest
     ))
-    record = soup_record(recipe, request, accepted, held_out, result)
-    out = storage.resolve(request.out_url, request.storage_options)
-    storage.write_bytes(out.join(SOUP_FILE), (json.dumps(record, indent=1) + "\n").encode())
     return SoupResult(merged.out_url, accepted, held_out, result, merged)

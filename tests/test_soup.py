@@ -140,6 +140,8 @@ def test_greedy_soup_runner_matches_an_in_process_replay(tmp_path: Path, ray_loc
     expected = average(result.accepted)
     assert all(torch.allclose(merged[k], expected[k], atol=1e-6) for k in base)
     record = json.loads((tmp_path / "soup" / SOUP_FILE).read_text())
+    manifest = json.loads((tmp_path / "soup" / "modelstock-manifest.json").read_text())
+    assert SOUP_FILE in manifest["files"]  # written before the manifest, and checksummed by it
     assert record["kind"] == "greedy" and record["strict"] is False and record["selection_set"] == "val"
     assert [a["model"] for a in record["accepted"]] == result.accepted
     assert len(record["steps"]) == 4 and record["ratatouille"] is False
