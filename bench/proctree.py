@@ -123,7 +123,7 @@ def _role(process: psutil.Process, root_pid: int) -> str:
         return "ray-daemon" if argv[0].endswith("Agent") else "worker"
     # The raylet's own command line names default_worker.py too (as its worker command): look
     # only at the interpreter's script arguments.
-    if any(arg.endswith("default_worker.py") for arg in argv[1:3]):
+    if any(arg.endswith(("default_worker.py", "setup_worker.py")) for arg in argv[1:4]):
         return "worker"
     if any("/ray/" in arg for arg in argv[:3]):
         return "ray-daemon"
@@ -193,7 +193,7 @@ class TreeMonitor:
                 except psutil.Error:
                     cmdline = ""
                 peak = self.peaks[key] = ProcessPeak(process.pid, _role(process, self.root), cmdline, first_seen_s=now)
-            elif peak.role in ("other", "worker") and process.pid != self.root:
+            elif peak.role in ("other", "worker", "ray-daemon") and process.pid != self.root:
                 # Workers retitle themselves "ray::..." after start; a cmdline may be unreadable
                 # at first sight.
                 peak.role = _role(process, self.root)
