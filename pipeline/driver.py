@@ -35,11 +35,11 @@ from modelstock.output import (
     canonical,
     check_not_overlapping,
     index_json,
-    model_card,
-    model_files,
     LOCK_FILE,
     OutputLock,
     OutputState,
+    model_card,
+    model_files,
     read_output_state,
     remove_stale_partials,
     set_config_dtype,
@@ -188,7 +188,7 @@ def _out_dtype_name(recipe: MergeRecipe, layers: Sequence[LayerStats]) -> str:
     if recipe.output_dtype:
         return TORCH_DTYPE_NAMES[recipe.output_dtype]
     merged = [s.out_dtype for s in layers if s.method != "copy"] or [s.out_dtype for s in layers]
-    most = max(set(merged), key=merged.count)
+    most = max(sorted(set(merged)), key=merged.count)  # sorted: ties resolve the same way every run
     return TORCH_DTYPE_NAMES.get(most, "float32")
 
 
