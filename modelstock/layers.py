@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from modelstock.checkpoint.reader import Checkpoint, TensorLocation
+from modelstock.dtypes import tensor_nbytes
 from modelstock.engine import LayerJob, is_mergeable_dtype
 from modelstock.errors import IncompatibleModels, InvalidCheckpoint, InvalidRecipe
 from modelstock.recipe import MergeRecipe
@@ -25,8 +26,6 @@ class LayerSource:
 
     @property
     def out_nbytes(self) -> int:
-        from modelstock.dtypes import tensor_nbytes
-
         return tensor_nbytes(self.job.out_dtype, self.job.shape)
 
 

@@ -29,7 +29,7 @@ from modelstock.checkpoint.header import (
     parse_header,
 )
 from modelstock.dtypes import to_torch
-from modelstock.errors import InvalidCheckpoint, StorageAccessError
+from modelstock.errors import InvalidCheckpoint
 from modelstock.storage import Location
 
 SINGLE_FILE = "model.safetensors"
@@ -250,9 +250,3 @@ def read_tensor(location: TensorLocation) -> torch.Tensor:
     """One whole tensor, by a single ranged read."""
     blob = storage.read_range(location.file, location.entry.start, location.entry.end)
     return tensor_from_bytes(blob, location.entry.dtype, location.entry.shape)
-
-
-def ensure_exists(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-    location = storage.resolve(url, storage_options)
-    if not storage.exists(location):
-        raise StorageAccessError(f"{url}: does not exist")
