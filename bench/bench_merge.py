@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from modelstock.synthetic import LlamaShape, write_model  # noqa: E402
+from modelstock.testing.synthetic import LlamaShape, write_model  # noqa: E402
 from pipeline.cli import parse_size  # noqa: E402
 from proctree import TreeRun, run_measured  # noqa: E402
 
@@ -43,7 +43,7 @@ PRESETS = {
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CONTENDERS = ("floor", "ray-overhead", "modelstock", "mergekit-bf16", "mergekit-fp32")
-FAMILY_FORMAT = 1  # bump when modelstock.synthetic changes what it writes
+FAMILY_FORMAT = 1  # bump when modelstock.testing.synthetic changes what it writes
 COMPLETE_MARKER = ".bench-complete"
 WARM_READ_BYTES = 16 * 1024 * 1024
 

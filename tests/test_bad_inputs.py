@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from modelstock.synthetic import LlamaShape, write_family, write_model
+from modelstock.testing.synthetic import LlamaShape, write_family, write_model
 from pipeline.cli import main
 
 SHAPE = LlamaShape(hidden=16, intermediate=32, layers=1, vocab=32, heads=2, kv_heads=1)

@@ -21,7 +21,7 @@ from modelstock import storage
 from modelstock.errors import StorageError
 from modelstock.output import MANIFEST_FILE, PROGRESS_DIR, STATE_DIR
 from modelstock.recipe import parse_recipe
-from modelstock.synthetic import LlamaShape, write_family
+from modelstock.testing.synthetic import LlamaShape, write_family
 from pipeline.cli import main
 from pipeline.driver import MergeRequest, run_merge
 

@@ -18,7 +18,7 @@ import torch
 
 from modelstock.output import MANIFEST_FILE, PROGRESS_DIR, STATE_DIR
 from modelstock.recipe import parse_recipe
-from modelstock.synthetic import LlamaShape, write_family
+from modelstock.testing.synthetic import LlamaShape, write_family
 from pipeline.driver import MergeRequest, run_merge
 
 SHAPE = LlamaShape(hidden=64, intermediate=160, layers=4, vocab=512, heads=4, kv_heads=2)

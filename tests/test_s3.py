@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from modelstock.checkpoint.reader import open_checkpoint
 from modelstock.output import MANIFEST_FILE
 from modelstock.recipe import parse_recipe
-from modelstock.synthetic import LlamaShape, write_family
+from modelstock.testing.synthetic import LlamaShape, write_family
 from pipeline.cli import main
 from pipeline.driver import MergeRequest, run_merge
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modelstock.output import MANIFEST_FILE
-from modelstock.synthetic import LlamaShape, write_family
+from modelstock.testing.synthetic import LlamaShape, write_family
 from pipeline.cli import main
 
 SHAPE = LlamaShape(hidden=16, intermediate=32, layers=1, vocab=32, heads=2, kv_heads=1)
