@@ -93,6 +93,17 @@ class LlamaShape:
         return best
 
 
+# Published Llama shapes (from each model's config.json) plus a tiny one for fast tests. The
+# procedural checkpoint source (modelstock.testing.procedural) serves any of them by name.
+LLAMA_PRESETS: dict[str, LlamaShape] = {
+    "tiny": LlamaShape(),
+    "tinyllama": LlamaShape(hidden=2048, intermediate=5632, layers=22, vocab=32000, heads=32, kv_heads=4),
+    "llama3-8b": LlamaShape(hidden=4096, intermediate=14336, layers=32, vocab=128256, heads=32, kv_heads=8),
+    "llama3-70b": LlamaShape(hidden=8192, intermediate=28672, layers=80, vocab=128256, heads=64, kv_heads=8),
+    "llama3-405b": LlamaShape(hidden=16384, intermediate=53248, layers=126, vocab=128256, heads=128, kv_heads=8),
+}
+
+
 def _tensor(shape: tuple[int, ...], name: str, generator: torch.Generator) -> torch.Tensor:
     if len(shape) == 1:
         return torch.ones(shape) + 0.01 * torch.randn(shape, generator=generator)
