@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from modelstock.testing.synthetic import LlamaShape, write_model  # noqa: E402
-from pipeline.cli import parse_size  # noqa: E402
+from pipeline.cli.options import parse_size  # noqa: E402
 from proctree import TreeRun, run_measured  # noqa: E402
 
 PRESETS = {

@@ -1,4 +1,8 @@
-"""Merging in-memory state dicts, without storage or Ray (notebooks, training loops, tests)."""
+"""Merging in-memory state dicts, without storage or Ray (notebooks, training loops, tests).
+
+The same planner and engine as the Ray pipeline: a recipe is built from the arguments, the
+state dicts are described as tensor catalogs, and each planned job is merged in memory.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,12 @@ from typing import Any
 
 import torch
 
-from modelstock.dtypes import from_torch, is_float
-from modelstock.engine import LayerJob, merge_in_memory
-from modelstock.errors import IncompatibleModels, InvalidRecipe
-from modelstock.layers import natural_key
-from modelstock.methods.base import LayerStats
-from modelstock.recipe import MergeRecipe, parse_recipe
+from modelstock.dtypes import CONFIG_DTYPE_NAMES, from_torch
+from modelstock.engine import merge_in_memory
+from modelstock.errors import InvalidRecipe
+from modelstock.methods.base import TensorStats
+from modelstock.planner import CatalogEntry, ModelCatalog, plan_tensors
+from modelstock.recipe import parse_recipe
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -25,19 +29,19 @@ def merge_state_dicts(
     model_parameters: Sequence[Mapping[str, Any]] | None = None,
     out_dtype: torch.dtype | None = None,
     exclude: Sequence[str] = (),
-) -> tuple[dict[str, torch.Tensor], list[LayerStats]]:
-    """Merge state dicts with a registered method; returns the merged dict and per-layer stats.
+) -> tuple[dict[str, torch.Tensor], list[TensorStats]]:
+    """Merge state dicts with a registered method; returns the merged dict and per-tensor stats.
 
     Example: ``merge_state_dicts("model_stock", [ft1, ft2], base=w0)``.
     """
-    placeholders = [f"model-{i}" for i in range(len(models))]
+    labels = [f"models[{i}]" for i in range(len(models))]
     recipe = parse_recipe(
         {
             "merge_method": method,
             "base_model": "base" if base is not None else None,
             "models": [
-                {"model": name, "parameters": dict(model_parameters[i]) if model_parameters else {}}
-                for i, name in enumerate(placeholders)
+                {"model": label, "parameters": dict(model_parameters[i]) if model_parameters else {}}
+                for i, label in enumerate(labels)
             ],
             "parameters": dict(parameters or {}),
             "exclude": list(exclude),
@@ -45,54 +49,28 @@ def merge_state_dicts(
         },
         source="merge_state_dicts",
     )
-    return _merge(recipe, models, base)
+    inputs = ([base] if base is not None else []) + list(models)
+    catalogs = [_catalog(label, state) for label, state in zip((["base"] if base is not None else []) + labels, inputs)]
+    jobs = plan_tensors(recipe, catalogs[0] if base is not None else None, catalogs[1:] if base is not None else catalogs)
+    merged: dict[str, torch.Tensor] = {}
+    stats: list[TensorStats] = []
+    for job in jobs:
+        tensor, tensor_stats = merge_in_memory(job, [inputs[i.model][i.tensor] for i in job.inputs])
+        merged[job.name] = tensor
+        stats.append(tensor_stats)
+    return merged, stats
 
 
-_RECIPE_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+def _catalog(label: str, state: StateDict) -> ModelCatalog:
+    try:
+        entries = {name: CatalogEntry(from_torch(t.dtype), tuple(t.shape), label) for name, t in state.items()}
+    except ValueError as exc:
+        raise InvalidRecipe(f"{label}: {exc}") from None
+    return ModelCatalog(label, entries)
 
 
 def _recipe_dtype_name(dtype: torch.dtype) -> str:
-    try:
-        return _RECIPE_DTYPE_NAMES[dtype]
-    except KeyError:
-        known = ", ".join(str(d) for d in _RECIPE_DTYPE_NAMES)
-        raise InvalidRecipe(f"merge_state_dicts: out_dtype {dtype} is not supported (use one of {known})") from None
-
-
-def _merge(recipe: MergeRecipe, models: Sequence[StateDict], base: StateDict | None) -> tuple[dict[str, torch.Tensor], list[LayerStats]]:
-    reference = base if base is not None else models[0]
-    for index, model in enumerate(models):
-        if set(model) != set(reference):
-            missing = sorted(set(reference) ^ set(model))
-            raise IncompatibleModels(f"model {index}: tensor {missing[0]!r} is not in every state dict")
-        for name, tensor in model.items():
-            if tensor.shape != reference[name].shape or tensor.dtype != reference[name].dtype:
-                raise IncompatibleModels(
-                    f"model {index}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, "
-                    f"expected {reference[name].dtype} {list(reference[name].shape)}"
-                )
-    method = recipe.method
-    merged: dict[str, torch.Tensor] = {}
-    stats: list[LayerStats] = []
-    for name in sorted(reference, key=natural_key):
-        source = reference[name]
-        dtype = from_torch(source.dtype)
-        copy = recipe.is_excluded(name) or not is_float(dtype)
-        out_dtype = recipe.output_dtype if recipe.output_dtype and is_float(dtype) else dtype
-        with_base = base is not None and method.needs_base and not copy
-        inputs = [source] if copy else ([base[name]] if with_base else []) + [m[name] for m in models]
-        job = LayerJob(
-            name=name,
-            shape=tuple(source.shape),
-            out_dtype=out_dtype,
-            method=None if copy else method.name,
-            params=None if copy else recipe.layer_parameters(name),
-            inputs=("base",) * int(with_base or copy) + tuple(f"models[{i}]" for i in range(len(inputs) - int(with_base or copy))),
-            input_dtypes=tuple(dtype for _ in inputs),
-            has_base=copy or with_base,
-            flags=("excluded",) if recipe.is_excluded(name) else ("not_floating_point",) if copy else (),
-        )
-        tensor, layer_stats = merge_in_memory(job, inputs[0] if job.has_base else None, inputs[1:] if job.has_base else inputs)
-        merged[name] = tensor
-        stats.append(layer_stats)
-    return merged, stats
+    name = CONFIG_DTYPE_NAMES.get(from_torch(dtype)) if dtype.is_floating_point else None
+    if name is None:
+        raise InvalidRecipe(f"merge_state_dicts: out_dtype {dtype} is not supported (use one of {sorted(CONFIG_DTYPE_NAMES.values())})")
+    return name

@@ -1,6 +1,8 @@
-"""Safetensors dtype names, their torch equivalents and sizes."""
+"""Safetensors dtype names, their torch equivalents and sizes, and tensor geometry."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -66,6 +68,9 @@ RECIPE_DTYPES: dict[str, str] = {
     "float64": "F64",
 }
 
+# The torch dtype name config.json records for an output dtype (transformers' ``torch_dtype``).
+CONFIG_DTYPE_NAMES: dict[str, str] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3", "F8_E5M2FNUZ", "F8_E4M3FNUZ"})
 
 
@@ -73,12 +78,23 @@ def dtype_bits(name: str) -> int:
     return SAFETENSORS_DTYPE_BITS[name]
 
 
-def tensor_nbytes(name: str, shape: tuple[int, ...]) -> int:
-    """Bytes a tensor of this dtype and shape occupies in a safetensors file."""
-    numel = 1
+def element_count(shape: Sequence[int]) -> int:
+    count = 1
     for dim in shape:
-        numel *= dim
-    bits = numel * SAFETENSORS_DTYPE_BITS[name]
+        count *= dim
+    return count
+
+
+def row_view(shape: Sequence[int]) -> tuple[int, int]:
+    """(rows, cols) of the 2-D view every tensor is processed in: rows = the first dimension (one
+    output row per output channel, as filter-wise methods need), 1 for vectors and scalars."""
+    rows = shape[0] if len(shape) >= 2 else 1
+    return rows, (element_count(shape) // rows if rows else 0)
+
+
+def tensor_nbytes(name: str, shape: Sequence[int]) -> int:
+    """Bytes a tensor of this dtype and shape occupies in a safetensors file."""
+    bits = element_count(shape) * SAFETENSORS_DTYPE_BITS[name]
     return (bits + 7) // 8
 
 

@@ -1,238 +1,282 @@
 """Merging one tensor within a memory budget: the compute every worker runs.
 
-The tensor is viewed as (rows, cols) with rows = the first dimension (1 for vectors and
-scalars). Reductions always run over the same fixed row blocks (``REDUCE_BLOCK_ELEMENTS``), in
-order, whatever the memory budget: reading the tensor in bigger or smaller chunks changes how
-often bytes are fetched, never the arithmetic, so chunked and unchunked outputs are identical.
-When the inputs of a tensor do not fit the budget, it is processed in two passes: reductions
-over every chunk first, then the blend chunk by chunk (each chunk is read twice).
+A merge of one tensor is a few small steps around its chunk plan (``modelstock.chunks``):
+``copy_tensor`` for tensors taken as they are; otherwise ``reduce_tensor`` (the first pass of a
+two-pass method: partial sums per fixed block, in block order), ``finalize_tensor`` (coefficients
+and report values) and ``blend_tensor`` (merged rows, block by block, lazily, so the caller can
+stream them). Reading is the caller's: a :data:`ChunkReader` returns the rows of every input.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
-from modelstock.dtypes import dtype_bits, is_float, to_torch
+from modelstock.chunks import ChunkPlan, RowRange, plan_chunks
+from modelstock.dtypes import to_torch
 from modelstock.errors import InvalidCheckpoint
-from modelstock.methods import get_method
-from modelstock.methods.base import LayerBlock, LayerParameters, LayerStats, compute_dtype_for
+from modelstock.jobs import TensorJob
+from modelstock.methods.base import (
+    BaseBlock,
+    Coefficients,
+    Finalized,
+    MergeMethod,
+    ModelsBlock,
+    TensorStats,
+    compute_dtype_for,
+)
+from modelstock.methods.registry import get_method
 
-REDUCE_BLOCK_ELEMENTS = 1 << 21
-MIN_INPUT_BUDGET = 8 * 1024 * 1024
-
-BlockReader = Callable[[int, int], LayerBlock]
-
-
-@dataclass(frozen=True)
-class LayerJob:
-    """One output tensor: how to produce it. Small and picklable: no tensors inside.
-
-    ``method`` is None for tensors copied from the first input (excluded by the recipe, or not
-    floating point). ``inputs`` labels the inputs (file URLs), base first when there is one, for
-    error messages; ``input_dtypes`` are their storage dtypes.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    out_dtype: str
-    method: str | None
-    params: LayerParameters | None
-    inputs: tuple[str, ...]
-    input_dtypes: tuple[str, ...]
-    has_base: bool = True
-    flags: tuple[str, ...] = field(default_factory=tuple)
-
-    @property
-    def rows(self) -> int:
-        return self.shape[0] if len(self.shape) >= 2 else 1
-
-    @property
-    def cols(self) -> int:
-        numel = 1
-        for dim in self.shape:
-            numel *= dim
-        return numel // self.rows if self.rows else 0
-
-    @property
-    def input_bytes_per_row(self) -> int:
-        return max(1, self.cols * sum(dtype_bits(d) for d in self.input_dtypes) // 8)
+T = TypeVar("T")
 
 
-def reduce_block_rows(job: LayerJob) -> int:
-    return max(1, REDUCE_BLOCK_ELEMENTS // max(job.cols, 1))
+@dataclass
+class LoadedChunk:
+    """Rows of every input of a job (each viewed as (rows, cols)), and how to give their memory back."""
+
+    row_start: int
+    row_stop: int
+    tensors: Sequence[torch.Tensor]
+    on_release: Callable[[], None] | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        self.tensors = ()
+        if self.on_release is not None:
+            self.on_release()
+            self.on_release = None
 
 
-def is_whole_tensor(job: LayerJob) -> bool:
-    """Whether the job's method needs every row at once (e.g. TIES' top-k over the whole tensor)."""
-    return job.method is not None and get_method(job.method).whole_tensor
+ChunkReader = Callable[[int, int], LoadedChunk]
 
 
-def row_chunks(job: LayerJob, memory_budget: int) -> list[tuple[int, int]]:
-    """Row ranges read at once: whole multiples of the reduce block, as many as the budget holds.
+class BlockRunner:
+    """Runs per-block work on ``threads`` threads (torch kernels release the GIL), results in order."""
 
-    A whole-tensor method gets one chunk with every row, whatever the budget.
-    """
-    if is_whole_tensor(job):
-        return [(0, job.rows)]
-    block_rows = reduce_block_rows(job)
-    # Headroom for float64 reduction temporaries of one block: base + N task vectors, 8 bytes each.
-    reserve = (len(job.inputs) + 1) * REDUCE_BLOCK_ELEMENTS * 8
-    input_budget = max(MIN_INPUT_BUDGET, memory_budget - reserve)
-    fit_rows = max(block_rows, (input_budget // job.input_bytes_per_row) // block_rows * block_rows)
-    return [(start, min(start + fit_rows, job.rows)) for start in range(0, job.rows, fit_rows)] or [(0, 0)]
+    def __init__(self, threads: int = 1) -> None:
+        self.threads = max(1, threads)
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="blocks") if self.threads > 1 else None
 
+    def map(self, work: Callable[[RowRange], T], blocks: Iterable[RowRange]) -> Iterator[T]:
+        if self._pool is None:
+            return (work(b) for b in blocks)
+        return self._pool.map(work, blocks)
 
-def _sub_blocks(job: LayerJob, block: LayerBlock) -> Iterator[LayerBlock]:
-    if is_whole_tensor(job):
-        yield block
-        return
-    step = reduce_block_rows(job)
-    for start in range(block.row_start, block.row_stop, step):
-        stop = min(start + step, block.row_stop)
-        lo, hi = start - block.row_start, stop - block.row_start
-        yield LayerBlock(
-            name=block.name,
-            shape=block.shape,
-            row_start=start,
-            row_stop=stop,
-            base=None if block.base is None else block.base[lo:hi],
-            models=[m[lo:hi] for m in block.models],
-        )
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> BlockRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def _inputs_of(block: LayerBlock) -> list[torch.Tensor]:
-    return ([block.base] if block.base is not None else []) + list(block.models)
+INLINE = BlockRunner(1)
 
 
-def _raise_non_finite(job: LayerJob, block: LayerBlock, what: str) -> None:
-    for label, tensor in zip(job.inputs, _inputs_of(block)):
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise InvalidCheckpoint(f"{label}: tensor {job.name!r}: contains NaN or Inf values")
+def chunk_plan_for(job: TensorJob, memory_budget: int) -> ChunkPlan:
+    """The chunk plan the engine follows for ``job``: the reader must serve ``plan.reads`` in order."""
+    if job.method is None:
+        return plan_chunks(job, memory_budget, two_pass=False)
+    method = get_method(job.method)
+    return plan_chunks(job, memory_budget, two_pass=method.reduction is not None, whole_tensor=method.whole_tensor)
+
+
+def make_block(job: TensorJob, chunk: LoadedChunk, start: int, stop: int) -> ModelsBlock:
+    """Rows ``[start, stop)`` (absolute) of a loaded chunk as the block type the method expects."""
+    lo, hi = start - chunk.row_start, stop - chunk.row_start
+    rows = [tensor[lo:hi] for tensor in chunk.tensors]
+    if job.has_base:
+        return BaseBlock(job.name, job.shape, start, stop, models=rows[1:], base=rows[0])
+    return ModelsBlock(job.name, job.shape, start, stop, models=rows)
+
+
+def _on_device(chunk: LoadedChunk, device: torch.device | None) -> LoadedChunk:
+    if device is None or device.type == "cpu":
+        return chunk
+    # Pinned read buffers make these copies asynchronous: the next chunk's reads go on meanwhile.
+    moved = [t.to(device, non_blocking=True) for t in chunk.tensors]
+    return LoadedChunk(chunk.row_start, chunk.row_stop, moved, chunk.on_release)
+
+
+def _find_non_finite_input(job: TensorJob, plan: ChunkPlan, read: ChunkReader) -> None:
+    """Raise naming the input with NaN/Inf, reading chunk by chunk within the budget."""
+    for start, stop in plan.chunks:
+        chunk = read(start, stop)
+        try:
+            for source, tensor in zip(job.inputs, chunk.tensors):
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise InvalidCheckpoint(f"{source.label}: tensor {source.tensor!r}: contains NaN or Inf values")
+        finally:
+            chunk.release()
+
+
+def _raise_non_finite(job: TensorJob, plan: ChunkPlan, read: ChunkReader, what: str) -> None:
+    _find_non_finite_input(job, plan, read)
     raise InvalidCheckpoint(
-        f"{job.inputs[0]}: tensor {job.name!r}: {what} is not finite in {job.out_dtype} "
+        f"{job.inputs[0].label}: tensor {job.name!r}: {what} is not finite in {job.out_dtype} "
         "(the merge overflows the output dtype)"
     )
 
 
-def _check_finite(job: LayerJob, block: LayerBlock, values: torch.Tensor, what: str) -> None:
-    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
-        _raise_non_finite(job, block, what)
+def copy_tensor(job: TensorJob, plan: ChunkPlan, read: ChunkReader) -> Iterator[torch.Tensor]:
+    """The single input's rows in the output dtype (a tensor the recipe excludes or cannot merge)."""
+    out = to_torch(job.out_dtype)
+    for start, stop in plan.chunks:
+        chunk = read(start, stop)
+        source = chunk.tensors[0]
+        copied = source.to(out)
+        if copied.is_floating_point() and not bool(torch.isfinite(copied).all()):
+            chunk.release()
+            _raise_non_finite(job, plan, read, "the copied tensor")
+        chunk.release()
+        yield copied
 
 
-def merge_layer(
-    job: LayerJob, read: BlockReader, memory_budget: int, device: torch.device | None = None
-) -> tuple[LayerStats, Iterator[torch.Tensor]]:
+def reduce_tensor(
+    job: TensorJob,
+    method: MergeMethod[Any, Any],
+    plan: ChunkPlan,
+    read: ChunkReader,
+    compute: torch.dtype,
+    device: torch.device | None = None,
+    runner: BlockRunner = INLINE,
+) -> tuple[torch.Tensor, list[LoadedChunk]]:
+    """The first pass: partial sums of every fixed block, combined in block order.
+
+    Returns the reductions (on the CPU) and the leading chunks the plan keeps for the blend.
+    """
+    assert method.reduction is not None and job.params is not None
+    reduction, params = method.reduction, job.params
+    per_row = reduction.scope(params, job.shape) == "rows"
+    total: torch.Tensor | None = None
+    partials: list[torch.Tensor] = []
+    kept: list[LoadedChunk] = []
+    for index, (start, stop) in enumerate(plan.chunks):
+        chunk = _on_device(read(start, stop), device)
+
+        def reduce_block(rows: RowRange, chunk: LoadedChunk = chunk) -> torch.Tensor:
+            partial = reduction.reduce(make_block(job, chunk, *rows), params, compute)
+            return partial if per_row else partial.sum(dim=0, keepdim=True)
+
+        for partial in runner.map(reduce_block, plan.blocks(start, stop)):
+            if per_row:
+                partials.append(partial)
+            else:
+                total = partial if total is None else total + partial  # a left fold in block order
+        if index < plan.kept:
+            kept.append(chunk)
+        else:
+            chunk.release()
+    reductions = torch.cat(partials) if per_row else total
+    assert reductions is not None
+    return reductions.cpu(), kept
+
+
+def finalize_tensor(
+    job: TensorJob, method: MergeMethod[Any, Any], plan: ChunkPlan, read: ChunkReader, reductions: torch.Tensor
+) -> Finalized:
+    assert method.reduction is not None and job.params is not None
+    if not bool(torch.isfinite(reductions).all()):
+        _find_non_finite_input(job, plan, read)
+        raise InvalidCheckpoint(f"{job.inputs[0].label}: tensor {job.name!r}: task vector norms overflow float64")
+    return method.reduction.finalize(reductions, job.params, len(job.inputs) - int(job.has_base))
+
+
+def blend_tensor(
+    job: TensorJob,
+    method: MergeMethod[Any, Any],
+    plan: ChunkPlan,
+    read: ChunkReader,
+    coefficients: Coefficients,
+    kept: list[LoadedChunk],
+    compute: torch.dtype,
+    check_finite: bool,
+    device: torch.device | None = None,
+    runner: BlockRunner = INLINE,
+) -> Iterator[torch.Tensor]:
+    """The merged rows, block by block in order, in the output dtype (on the CPU)."""
+    assert job.params is not None
+    params, out = job.params, to_torch(job.out_dtype)
+    per_row = {k for k, v in coefficients.items() if v.shape[0] > 1}
+    resident = {(c.row_start, c.row_stop): c for c in kept}
+    for start, stop in plan.chunks:
+        held = resident.pop((start, stop), None)
+        chunk = held if held is not None else _on_device(read(start, stop), device)
+
+        def blend_block(rows: RowRange, chunk: LoadedChunk = chunk) -> torch.Tensor | None:
+            local = {k: (v[rows[0] : rows[1]] if k in per_row else v) for k, v in coefficients.items()}
+            merged = method.blend(make_block(job, chunk, *rows), local, params, compute).to(out)
+            if check_finite and not bool(torch.isfinite(merged).all()):
+                return None  # reported below, in block order
+            return merged.cpu()
+
+        for merged in runner.map(blend_block, plan.blocks(start, stop)):
+            if merged is None:
+                chunk.release()
+                _raise_non_finite(job, plan, read, "the merged tensor")
+                return
+            yield merged
+        chunk.release()
+
+
+def merge_tensor(
+    job: TensorJob,
+    plan: ChunkPlan,
+    read: ChunkReader,
+    device: torch.device | None = None,
+    runner: BlockRunner = INLINE,
+) -> tuple[TensorStats, Iterator[torch.Tensor]]:
     """Statistics of one output tensor, and its merged rows as blocks in the output dtype.
 
-    ``read(row_start, row_stop)`` returns those rows of every input. Stats are complete on
-    return; the blocks are produced lazily so the caller can stream them to storage.
+    ``read(start, stop)`` must be called by nobody else while this runs; it is called with the
+    plan's ``reads`` in order. Stats are complete on return; the blocks are produced lazily.
     """
-    out_torch = to_torch(job.out_dtype)
-    stats = LayerStats(job.name, job.method or "copy", job.shape, job.out_dtype, flags=list(job.flags))
-    chunks = row_chunks(job, memory_budget)
-
-    def to_device(block: LayerBlock) -> LayerBlock:
-        if device is None or device.type == "cpu":
-            return block
-        return LayerBlock(
-            block.name, block.shape, block.row_start, block.row_stop,
-            None if block.base is None else block.base.to(device, non_blocking=True),
-            [m.to(device, non_blocking=True) for m in block.models],
-        )
-
+    stats = TensorStats(job.name, job.method or "copy", job.shape, job.out_dtype, flags=list(job.flags))
+    if plan.reread_bytes:
+        stats.values["reread_bytes"] = plan.reread_bytes
+        stats.flags.append("reread")
     if job.method is None:
-        def copied() -> Iterator[torch.Tensor]:
-            for start, stop in chunks:
-                block = read(start, stop)
-                source = _inputs_of(block)[0]
-                _check_finite(job, block, source, "the copied tensor")
-                yield source.to(out_torch)
-                block = source = None  # type: ignore[assignment]  # free before the next read
-
-        return stats, copied()
-
+        return stats, copy_tensor(job, plan, read)
     method = get_method(job.method)
-    assert job.params is not None
-    compute = compute_dtype_for(out_torch)
-    coefficients: dict[str, torch.Tensor] = {}
-    first_chunk: LayerBlock | None = None
-    verified_finite = False
-    if method.reduce is not None and method.finalize is not None:
-        scope = method.reduction_scope(job.params, job.shape)
-        partials: list[torch.Tensor] = []
-        for start, stop in chunks:
-            block = to_device(read(start, stop))
-            for sub in _sub_blocks(job, block):
-                partial = method.reduce(sub, job.params, compute)
-                partials.append(partial if scope == "rows" else partial.sum(dim=0, keepdim=True))
-            if len(chunks) == 1:
-                first_chunk = block
-            block = sub = None  # type: ignore[assignment]  # free before the next read: 1 chunk at a time
-        if scope == "rows":
-            reductions = torch.cat(partials)
-        else:
-            reductions = partials[0]
-            for partial in partials[1:]:
-                reductions = reductions + partial
-        reductions = reductions.cpu()
-        if not bool(torch.isfinite(reductions).all()):
-            for start, stop in chunks:  # find the culprit chunk by chunk, within the budget
-                block = read(start, stop)
-                for label, tensor in zip(job.inputs, _inputs_of(block)):
-                    if not bool(torch.isfinite(tensor).all()):
-                        raise InvalidCheckpoint(f"{label}: tensor {job.name!r}: contains NaN or Inf values")
-            raise InvalidCheckpoint(f"{job.inputs[0]}: tensor {job.name!r}: task vector norms overflow float64")
-        finalized = method.finalize(reductions, job.params, len(job.inputs) - int(job.has_base))
+    compute = compute_dtype_for(to_torch(job.out_dtype))
+    coefficients: Coefficients = {}
+    kept: list[LoadedChunk] = []
+    check_finite = True
+    if method.reduction is not None:
+        reductions, kept = reduce_tensor(job, method, plan, read, compute, device, runner)
+        if compute == torch.float32 and not bool(torch.isfinite(reductions).all()):
+            # float32 block sums overflow for weights beyond ~1e19: redo this tensor in float64.
+            for chunk in kept:
+                chunk.release()
+            compute = torch.float64
+            plan = ChunkPlan(plan.rows, plan.block_rows, plan.chunks, 0, plan.two_pass, plan.bytes_per_row)
+            reductions, kept = reduce_tensor(job, method, plan, read, compute, device, runner)
+        finalized = finalize_tensor(job, method, plan, read, reductions)
         coefficients = {k: v.to(device) if device is not None else v for k, v in finalized.coefficients.items()}
         stats.values.update(finalized.values)
         stats.flags.extend(finalized.flags)
         # Finite reductions over every input, blended convexly, cannot give NaN/Inf: skip a pass.
-        verified_finite = finalized.convex
-    per_row = {k for k, v in coefficients.items() if v.shape[0] > 1}
-
-    def blended() -> Iterator[torch.Tensor]:
-        for start, stop in chunks:
-            block = first_chunk if first_chunk is not None else to_device(read(start, stop))
-            for sub in _sub_blocks(job, block):
-                local = {
-                    k: (v[sub.row_start : sub.row_stop] if k in per_row else v) for k, v in coefficients.items()
-                }
-                merged = method.blend(sub, local, job.params, compute)
-                if not verified_finite:
-                    _check_finite(job, sub, merged, "the merged tensor")
-                yield merged.to(out_torch).cpu()
-                merged = None  # type: ignore[assignment]
-            block = sub = None  # type: ignore[assignment]  # free before the next read: 1 chunk at a time
-
-    return stats, blended()
+        check_finite = not finalized.convex
+    return stats, blend_tensor(job, method, plan, read, coefficients, kept, compute, check_finite, device, runner)
 
 
 def merge_in_memory(
-    job: LayerJob, base: torch.Tensor | None, models: Sequence[torch.Tensor], memory_budget: int = 1 << 62
-) -> tuple[torch.Tensor, LayerStats]:
-    """Merge one tensor held in memory (the Python API without storage or Ray)."""
+    job: TensorJob, inputs: Sequence[torch.Tensor], memory_budget: int = 1 << 62
+) -> tuple[torch.Tensor, TensorStats]:
+    """Merge one tensor whose inputs (in ``job.inputs`` order) are in memory: the Python API's path."""
     rows, cols = job.rows, job.cols
+    views = [tensor.detach().reshape(rows, cols) for tensor in inputs]
 
-    def as_rows(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.detach().reshape(rows, cols)
+    def read(start: int, stop: int) -> LoadedChunk:
+        return LoadedChunk(start, stop, [view[start:stop] for view in views])
 
-    def read(start: int, stop: int) -> LayerBlock:
-        return LayerBlock(
-            name=job.name,
-            shape=job.shape,
-            row_start=start,
-            row_stop=stop,
-            base=None if base is None else as_rows(base)[start:stop],
-            models=[as_rows(m)[start:stop] for m in models],
-        )
-
-    stats, blocks = merge_layer(job, read, memory_budget)
+    plan = chunk_plan_for(job, memory_budget)
+    stats, blocks = merge_tensor(job, plan, read)
     merged = torch.cat([b.reshape(-1) for b in blocks]) if rows else torch.empty(0, dtype=to_torch(job.out_dtype))
     return merged.reshape(job.shape), stats
-
-
-def is_mergeable_dtype(dtype: str) -> bool:
-    return is_float(dtype)

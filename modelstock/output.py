@@ -21,7 +21,7 @@ from typing import Any
 
 from modelstock import storage
 from modelstock.errors import InvalidCheckpoint, OutputConflict, StorageAccessError
-from modelstock.methods.base import LayerStats
+from modelstock.methods.base import TensorStats
 from modelstock.storage import Location
 
 INDEX_FILE_NAME = "model.safetensors.index.json"
@@ -81,7 +81,7 @@ class ShardRecord:
     size: int
     sha256: str
     attempt: str
-    layers: list[dict[str, Any]]
+    tensors: list[dict[str, Any]]
 
     def to_bytes(self) -> bytes:
         return canonical(self.__dict__)
@@ -91,8 +91,8 @@ class ShardRecord:
         data = json.loads(raw)
         return cls(**data)
 
-    def layer_stats(self) -> list[LayerStats]:
-        return [LayerStats.from_json(layer) for layer in self.layers]
+    def tensor_stats(self) -> list[TensorStats]:
+        return [TensorStats.from_json(tensor) for tensor in self.tensors]
 
 
 def read_shard_record(out: Location, shard_file: str) -> ShardRecord | None:

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from modelstock.dtypes import RECIPE_DTYPES
 from modelstock.errors import InvalidRecipe
 from modelstock.methods import get_method
-from modelstock.methods.base import LayerParameters, MergeMethod, recipe_name
+from modelstock.methods.base import MergeMethod, TensorParameters, recipe_name
 
 Scalar = Union[bool, int, float, str]
 
@@ -162,7 +162,7 @@ class MergeRecipe(BaseModel):
             return True
         return any(fnmatch.fnmatchcase(tensor, p) for p in self.exclude)
 
-    def layer_parameters(self, tensor: str) -> LayerParameters:
+    def tensor_parameters(self, tensor: str) -> TensorParameters[Any, Any]:
         """The method's parameters for one tensor, validated against their declared types."""
         method = self.method
         global_names, model_names = method.parameter_names()
@@ -179,8 +179,8 @@ class MergeRecipe(BaseModel):
                 if name in source:
                     values[name] = _value_for(source[name], tensor)
             per_model.append(_instantiate(method.model_parameters, values, f"model {entry.model}", tensor))
-        return LayerParameters(
-            method=_instantiate(method.method_parameters, method_values, "parameters", tensor),
+        return TensorParameters(
+            method=_instantiate(method.parameters, method_values, "parameters", tensor),
             models=tuple(per_model),
         )
 
@@ -246,7 +246,7 @@ def _check_parameter_names(recipe: MergeRecipe, method: MergeMethod) -> None:
                 raise ValueError(f"model {entry.model}: {name!r} is a method-wide parameter; set it under top-level parameters")
             if name not in model_names:
                 raise ValueError(f"model {entry.model}: unknown parameter {name!r} for {method.name} (known: {sorted(model_names)})")
-    for name in _required_names(method.method_parameters):
+    for name in _required_names(method.parameters):
         if name not in recipe.parameters:
             raise ValueError(f"{method.name} needs parameter {name!r} under top-level parameters")
     for name in _required_names(method.model_parameters):
@@ -263,7 +263,7 @@ def _check_parameter_names(recipe: MergeRecipe, method: MergeMethod) -> None:
 
 def _check_types(method: MergeMethod, name: str, value: ParameterValue, where: str) -> None:
     global_names, _ = method.parameter_names()
-    kind = method.method_parameters if name in global_names else method.model_parameters
+    kind = method.parameters if name in global_names else method.model_parameters
     options = value if isinstance(value, list) else [ConditionalValue(value=value)]
     for option in options:
         try:

@@ -1,4 +1,4 @@
-"""The merge report: per-layer statistics as JSON, and cos(theta) / t by layer as a PNG."""
+"""The merge report: per-tensor statistics as JSON, and cos(theta) / t by layer depth as a PNG."""
 
 from __future__ import annotations
 
@@ -9,29 +9,32 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from modelstock.methods.base import LayerStats
+from modelstock.methods.base import TensorStats
 
 
-def report_json(method: str, recipe_yaml: str, layers: Sequence[LayerStats]) -> dict[str, Any]:
-    merged = [s for s in layers if s.method != "copy"]
+def report_json(method: str, recipe_yaml: str, tensors: Sequence[TensorStats]) -> dict[str, Any]:
+    merged = [s for s in tensors if s.method != "copy"]
     ratios = [s.values["t"] for s in merged if "t" in s.values]
-    flags = Counter(flag for s in layers for flag in s.flags)
+    flags = Counter(flag for s in tensors for flag in s.flags)
+    reread = sum(int(s.values.get("reread_bytes", 0)) for s in tensors)
     return {
-        "format": "modelstock-report/1",
+        "format": "modelstock-report/2",
         "method": method,
         "recipe": recipe_yaml,
         "summary": {
-            "tensors": len(layers),
+            "tensors": len(tensors),
             "merged": len(merged),
-            "copied": len(layers) - len(merged),
+            "copied": len(tensors) - len(merged),
             "flags": dict(sorted(flags.items())),
+            # Bytes read twice because a tensor's inputs exceeded the worker's memory budget.
+            "reread_bytes": reread,
             **(
                 {"t_mean": sum(ratios) / len(ratios), "t_min": min(ratios), "t_max": max(ratios)}
                 if ratios
                 else {}
             ),
         },
-        "layers": [s.to_json() for s in layers],
+        "tensors": [s.to_json() for s in tensors],
     }
 
 
@@ -50,9 +53,9 @@ def _layer_and_kind(name: str) -> tuple[int | None, str]:
     return int(match.group(1)), name[match.end():]
 
 
-def report_png(layers: Sequence[LayerStats], title: str) -> bytes | None:
+def report_png(tensors: Sequence[TensorStats], title: str) -> bytes | None:
     """cos(theta) and t by layer depth, one series per tensor kind (None without angles)."""
-    points = [(s.name, s.values["cos_theta"], s.values["t"]) for s in layers if "cos_theta" in s.values]
+    points = [(s.name, s.values["cos_theta"], s.values["t"]) for s in tensors if "cos_theta" in s.values]
     if not points:
         return None
     import matplotlib

@@ -150,6 +150,28 @@ def _read_local_range(location: Location, start: int, end: int) -> bytearray:
     return buffer
 
 
+def _read_local_into(location: Location, start: int, view: memoryview) -> None:
+    with open(location.path, "rb", buffering=0) as handle:
+        filled = 0
+        while filled < len(view):
+            count = os.preadv(handle.fileno(), [view[filled:]], start + filled)
+            if not count:
+                raise StorageError(
+                    f"{location.url}: asked for bytes [{start}, {start + len(view)}) but the file ends early (changed?)"
+                )
+            filled += count
+
+
+def read_into(location: Location, start: int, view: memoryview) -> None:
+    """Fill ``view`` with bytes ``[start, start + len(view))`` of one object (one ranged request)."""
+    if not len(view):
+        return
+    if location.is_local:
+        storage_call(location.url, lambda: _read_local_into(location, start, view))
+        return
+    view[:] = read_range(location, start, start + len(view))
+
+
 def read_range(location: Location, start: int, end: int) -> bytes | bytearray:
     """Bytes ``[start, end)`` of one object, as a single ranged request."""
     if end <= start:
@@ -165,28 +187,6 @@ def read_range(location: Location, start: int, end: int) -> bytes | bytearray:
             f"{location.url}: asked for bytes [{start}, {end}) but got {len(data)} bytes (object changed?)"
         )
     return data
-
-
-def read_ranges(locations: Sequence[Location], starts: Sequence[int], ends: Sequence[int]) -> list[bytes | bytearray]:
-    """Several ranged reads issued together (concurrently on async backends such as s3fs)."""
-    if not locations:
-        return []
-    fs = locations[0].fs
-    if any(loc.fs is not fs for loc in locations) or _generic_cat_file(fs) or locations[0].is_local:
-        return [read_range(loc, s, e) for loc, s, e in zip(locations, starts, ends)]
-    what = ", ".join(sorted({loc.url for loc in locations}))
-    blobs = storage_call(
-        what,
-        lambda: fs.cat_ranges([loc.path for loc in locations], list(starts), list(ends), on_error="raise"),
-    )
-    for loc, start, end, blob in zip(locations, starts, ends, blobs):
-        if isinstance(blob, BaseException):
-            raise StorageError(f"{loc.url}: ranged read failed ({describe(blob)})")
-        if len(blob) != end - start:
-            raise StorageError(
-                f"{loc.url}: asked for bytes [{start}, {end}) but got {len(blob)} bytes (object changed?)"
-            )
-    return list(blobs)
 
 
 def object_info(location: Location) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The merge driver. It reads like DESIGN section 3: validate, plan, submit, gather, commit.
+"""The merge driver. It reads like the data flow (docs/ARCHITECTURE.md): validate, plan, submit,
+gather, commit.
 
 It holds plans, not data: workers fetch and write tensors themselves and hand back statistics
 and checksums. Expects a connected Ray (see ``cluster.session``).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,10 +20,9 @@ from tqdm import tqdm
 
 from modelstock import storage
 from modelstock.checkpoint.reader import Checkpoint, open_checkpoint
-from modelstock.dtypes import RECIPE_DTYPES
-from modelstock.errors import InputError, ModelStockError, OutputConflict, StorageError
-from modelstock.layers import plan_layers
-from modelstock.methods.base import LayerStats
+from modelstock.dtypes import CONFIG_DTYPE_NAMES
+from modelstock.errors import InputError, OutputConflict, StorageError
+from modelstock.methods.base import TensorStats
 from modelstock.output import (
     INDEX_FILE_NAME,
     JOB_FILE,
@@ -45,18 +46,26 @@ from modelstock.output import (
     set_config_dtype,
     sha256_hex,
 )
+from modelstock.planner import catalog_of, plan_tensors
 from modelstock.recipe import MergeRecipe
 from modelstock.report import report_bytes, report_json, report_png
+from modelstock.shard import ShardTensor
 from modelstock.storage import Location
 from pipeline.plan import MergePlan, input_fingerprints, plan_shards
+from pipeline.ray_results import result_of
 from pipeline.worker import ShardOutcome, ShardTask, merge_shard_task
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 2 * 1000**3
 DEFAULT_MEMORY_BUDGET = 512 * 1024**2
+# What a shard task holds besides its tensor budget (Python, torch, Ray's worker, read buffers in
+# flight, the writer's queue), measured on the 1.1B benchmark: declared to Ray with the budget so
+# that a node never runs more shard tasks than its memory holds.
+WORKER_OVERHEAD_BYTES = 512 * 1024**2
+# Threads per shard task: beyond a few, the merge kernels are bound by memory bandwidth.
+MAX_THREADS_PER_TASK = 4
 CANCEL_WAIT_S = 60.0
-TORCH_DTYPE_NAMES = {v: k for k, v in RECIPE_DTYPES.items() if k in ("float32", "float16", "bfloat16", "float64")}
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,7 @@ class MergeRequest:
     progress: bool = True
     device: str = "auto"  # "gpu": ask Ray for a GPU per shard even before an autoscaler adds one
     extra_files: Mapping[str, bytes] = field(default_factory=dict)  # e.g. a soup's record; in the manifest
+    io_concurrency: int | None = None  # ranged reads in flight per worker (default: by backend)
 
 
 @dataclass(frozen=True)
@@ -101,9 +111,12 @@ def open_inputs(recipe: MergeRecipe, storage_options: Mapping[str, Any]) -> tupl
 
 def plan_merge(request: MergeRequest) -> tuple[MergePlan, Checkpoint | None, list[Checkpoint]]:
     base, models = open_inputs(request.recipe, request.storage_options)
-    layers = plan_layers(request.recipe, base, models)
+    jobs = plan_tensors(request.recipe, catalog_of(base) if base else None, [catalog_of(m) for m in models])
     checkpoints = ([base] if base else []) + models
-    return plan_shards(layers, request.shard_size, checkpoints), base, models
+    tensors = [
+        ShardTensor(job, tuple(checkpoints[source.model].tensors[source.tensor] for source in job.inputs)) for job in jobs
+    ]
+    return plan_shards(tensors, request.shard_size, checkpoints), base, models
 
 
 def output_action(state: OutputState, plan: MergePlan, overwrite: bool, out: Location) -> str:
@@ -136,14 +149,33 @@ def clear_output(out: Location) -> None:
             storage.remove_tree(out.join(STATE_DIR, name))
 
 
+def task_options(request: MergeRequest, plan: MergePlan) -> dict[str, Any]:
+    """Resources each shard task declares: a GPU (when the cluster has them) or CPUs for its
+    threads, and the memory it will hold, so Ray never packs more tasks on a node than it holds."""
+    resources = ray.cluster_resources()
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    use_gpu = request.device == "gpu" or (request.device == "auto" and resources.get("GPU", 0) > 0)
+    concurrent = max(1, min(len(plan.shards), request.workers or len(plan.shards)))
+    largest_node = max((node.get("CPU", 0) for node in nodes), default=1)
+    threads = max(1, min(MAX_THREADS_PER_TASK, math.floor(largest_node),
+                         math.floor(resources.get("CPU", 1) / concurrent)))
+    options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": threads}
+    memory = request.memory_budget + WORKER_OVERHEAD_BYTES
+    most_memory = max((node.get("memory", 0) for node in nodes), default=0)
+    if most_memory and memory > most_memory:
+        # An autoscaler may still add a node big enough, so this is a warning, not an error.
+        log.warning(
+            "--memory-budget %d bytes plus a worker's overhead (%d bytes) exceeds the memory Ray offers on any "
+            "node now (%d bytes): shard tasks wait for a bigger node; lower --memory-budget otherwise",
+            request.memory_budget, WORKER_OVERHEAD_BYTES, int(most_memory),
+        )
+    options["memory"] = memory
+    return options
+
+
 def submit_and_gather(request: MergeRequest, plan: MergePlan) -> list[ShardOutcome]:
     """One task per shard, at most ``workers`` in flight; results in plan order."""
-    use_gpu = request.device == "gpu" or (request.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-    options: dict[str, Any] = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
-    # glibc reads MALLOC_ARENA_MAX at process start: with an arena per thread (Ray's, the
-    # reader's, the writer's) freed tensor blocks are not reused across threads and a worker's
-    # heap grows well past its memory budget.
-    options["runtime_env"] = {"env_vars": {"MALLOC_ARENA_MAX": "2"}}
+    options = task_options(request, plan)
     window = request.workers or len(plan.shards)
     pending = list(reversed(plan.shards))
     in_flight: dict[ray.ObjectRef, str] = {}
@@ -153,12 +185,13 @@ def submit_and_gather(request: MergeRequest, plan: MergePlan) -> list[ShardOutco
         while pending or in_flight:
             while pending and len(in_flight) < window:
                 shard = pending.pop()
-                task = ShardTask(request.out_url, dict(request.storage_options), shard, request.memory_budget)
+                task = ShardTask(request.out_url, dict(request.storage_options), shard, request.memory_budget,
+                                 request.io_concurrency)
                 in_flight[merge_shard_task.options(**options).remote(task)] = shard.file
             done, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in done:
                 in_flight.pop(ref)
-                outcome = _unwrap(ref)
+                outcome: ShardOutcome = result_of(ref)
                 outcomes[outcome.file] = outcome
                 bar.update(outcome.size)
     except BaseException:
@@ -174,44 +207,34 @@ def submit_and_gather(request: MergeRequest, plan: MergePlan) -> list[ShardOutco
     return [outcomes[s.file] for s in plan.shards]
 
 
-def _unwrap(ref: ray.ObjectRef) -> ShardOutcome:
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause
-        if isinstance(cause, ModelStockError):
-            raise cause from None
-        raise
-
-
-def _out_dtype_name(recipe: MergeRecipe, layers: Sequence[LayerStats]) -> str:
+def _out_dtype_name(recipe: MergeRecipe, tensors: Sequence[TensorStats]) -> str:
     if recipe.output_dtype:
-        return TORCH_DTYPE_NAMES[recipe.output_dtype]
-    merged = [s.out_dtype for s in layers if s.method != "copy"] or [s.out_dtype for s in layers]
+        return CONFIG_DTYPE_NAMES[recipe.output_dtype]
+    merged = [s.out_dtype for s in tensors if s.method != "copy"] or [s.out_dtype for s in tensors]
     most = max(sorted(set(merged)), key=merged.count)  # sorted: ties resolve the same way every run
-    return TORCH_DTYPE_NAMES.get(most, "float32")
+    return CONFIG_DTYPE_NAMES.get(most, "float32")
 
 
 def commit(request: MergeRequest, out: Location, plan: MergePlan, outcomes: list[ShardOutcome],
            config_source: Checkpoint, checkpoints: Sequence[Checkpoint]) -> None:
     """Index, config and tokenizer files, recipe, report, model card; the manifest last."""
     recipe = request.recipe
-    layers = [stats for outcome in outcomes for stats in outcome.layers]
+    tensors = [stats for outcome in outcomes for stats in outcome.tensors]
     written: dict[str, bytes] = {}
     source_dir = storage.resolve(config_source.url, request.storage_options)
     for name in model_files(source_dir):
         raw = storage.read_bytes(source_dir.join(name))
         if name == "config.json":
-            raw = set_config_dtype(raw, _out_dtype_name(recipe, layers), source_dir.join(name).url)
+            raw = set_config_dtype(raw, _out_dtype_name(recipe, tensors), source_dir.join(name).url)
         written[name] = raw
     written[INDEX_FILE_NAME] = index_json(
-        [(shard.file, [l.job.name for l in shard.layers]) for shard in plan.shards], plan.total_size
+        [(shard.file, [t.job.name for t in shard.tensors]) for shard in plan.shards], plan.total_size
     )
     recipe_yaml = recipe.to_yaml()
     written[RECIPE_FILE] = recipe_yaml.encode()
-    report = report_json(recipe.merge_method, recipe_yaml, layers)
+    report = report_json(recipe.merge_method, recipe_yaml, tensors)
     written[REPORT_FILE] = report_bytes(report)
-    plot = report_png(layers, f"{recipe.merge_method}: cos θ and t by tensor")
+    plot = report_png(tensors, f"{recipe.merge_method}: cos θ and t by tensor")
     if plot is not None:
         written[REPORT_PLOT_FILE] = plot
     written.update(request.extra_files)

@@ -21,10 +21,10 @@ import ray
 from tqdm import tqdm
 
 from modelstock import storage
-from modelstock.errors import ModelStockError
 from modelstock.evaluation.datasets import DatasetShard, DatasetSpec, EvalSuite, plan_dataset_shards
 from modelstock.evaluation.metrics import ShardScore, accuracy, ood_mean
 from modelstock.evaluation.scoring import ModelSource, build_source, score_shard
+from pipeline.ray_results import result_of
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class RayEvaluator:
                 done, _ = ray.wait(list(in_flight), num_returns=1)
                 for ref in done:
                     load[in_flight.pop(ref)] -= 1
-                    scores.append(_unwrap(ref))
+                    scores.append(result_of(ref))
                     bar.update(1)
         finally:
             bar.close()
@@ -311,15 +311,6 @@ class RayEvaluator:
         dataset = suite.selection_set
         totals = self.evaluate_datasets(sources, [dataset], suite.rows_per_shard)
         return {source.name: accuracy(*totals[(source.name, dataset.name)]) for source in sources}
-
-
-def _unwrap(ref: ray.ObjectRef) -> ShardScore:
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, ModelStockError):
-            raise exc.cause from None
-        raise
 
 
 def evaluate_models(sources: Sequence[ModelSource], suite: EvalSuite, storage_options: Mapping[str, Any] | None = None,

@@ -1,6 +1,6 @@
 """The shard worker: a Ray task that fetches its own tensors, merges them and writes one shard.
 
-It returns only small results (per-layer statistics, the shard's size and sha256); no tensor goes
+It returns only small results (per-tensor statistics, the shard's size and sha256); no tensor goes
 through the driver or the object store. A shard already completed by an earlier run (progress
 record with the same digest, file present with the recorded sha256) is not recomputed.
 """
@@ -10,9 +10,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -20,9 +21,9 @@ import torch
 
 from modelstock import storage
 from modelstock.errors import StorageError
-from modelstock.merge_shard import merge_into_shard
-from modelstock.methods.base import LayerStats
+from modelstock.methods.base import TensorStats
 from modelstock.output import ShardRecord, file_sha256, read_shard_record, write_shard_record
+from modelstock.shard import merge_into_shard
 from pipeline.plan import ShardPlan
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class ShardTask:
     storage_options: Mapping[str, Any]
     shard: ShardPlan
     memory_budget: int
+    io_concurrency: int | None = None
 
 
 @dataclass(frozen=True)
@@ -44,12 +46,12 @@ class ShardOutcome:
     file: str
     size: int
     sha256: str
-    layers: list[LayerStats]
+    tensors: list[TensorStats]
     resumed: bool
     attempt: str
     node_id: str = ""
     device: str = "cpu"
-    extra: dict[str, Any] = field(default_factory=dict)
+    bytes_read: int = 0
 
 
 def _verified_record(task: ShardTask) -> ShardRecord | None:
@@ -86,17 +88,22 @@ def keep_large_buffers_in_heap() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 128 << 20)
 
 
-def produce_shard(task: ShardTask, node_id: str = "") -> ShardOutcome:
+def produce_shard(task: ShardTask, node_id: str = "", threads: int = 1) -> ShardOutcome:
     """Resume or compute one shard; the body of the Ray task (usable without Ray)."""
     keep_large_buffers_in_heap()
     record = _verified_record(task)
     if record is not None:
         return ShardOutcome(
-            task.shard.file, record.size, record.sha256, record.layer_stats(), True, record.attempt, node_id
+            task.shard.file, record.size, record.sha256, record.tensor_stats(), True, record.attempt, node_id
         )
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    # Parallelism comes from the block runner's threads; nested intra-op threads would oversubscribe.
+    torch.set_num_threads(1)
     out = storage.resolve(task.out_url, task.storage_options)
-    merged = merge_into_shard(out.join(task.shard.file), task.shard.layers, task.memory_budget, device)
+    merged = merge_into_shard(
+        out.join(task.shard.file), task.shard.tensors, task.memory_budget, device,
+        threads=1 if device.type == "cuda" else threads, io_concurrency=task.io_concurrency,
+    )
     attempt = uuid.uuid4().hex
     write_shard_record(
         out,
@@ -106,14 +113,17 @@ def produce_shard(task: ShardTask, node_id: str = "") -> ShardOutcome:
             size=merged.written.size,
             sha256=merged.written.sha256,
             attempt=attempt,
-            layers=[s.to_json() for s in merged.layers],
+            tensors=[s.to_json() for s in merged.tensors],
         ),
     )
     return ShardOutcome(
-        task.shard.file, merged.written.size, merged.written.sha256, merged.layers, False, attempt, node_id, device.type
+        task.shard.file, merged.written.size, merged.written.sha256, merged.tensors, False, attempt, node_id,
+        device.type, merged.bytes_read,
     )
 
 
 @ray.remote(max_retries=TASK_MAX_RETRIES, retry_exceptions=[StorageError], scheduling_strategy="SPREAD")
 def merge_shard_task(task: ShardTask) -> ShardOutcome:
-    return produce_shard(task, ray.get_runtime_context().get_node_id())
+    context = ray.get_runtime_context()
+    cpus = context.get_assigned_resources().get("CPU", 1.0)
+    return produce_shard(task, context.get_node_id(), threads=max(1, math.floor(cpus)))

@@ -20,8 +20,10 @@ from hypothesis import strategies as st
 
 import modelstock
 from modelstock import engine
-from modelstock.engine import LayerJob, merge_in_memory
-from modelstock.methods.base import LayerParameters, LayerStats, NoParameters
+from modelstock.chunks import BLOCK_ELEMENTS, MIN_CHUNK_BYTES
+from modelstock.engine import chunk_plan_for, merge_in_memory
+from modelstock.jobs import TensorInput, TensorJob
+from modelstock.methods.base import NoParameters, TensorParameters, TensorStats
 from modelstock.methods.linear import LinearModelParameters, LinearParameters
 from modelstock.methods.model_stock import ModelStockParameters
 
@@ -155,7 +157,7 @@ def merge_one(
     parameters: dict[str, object] | None = None,
     model_parameters: Sequence[dict[str, object]] | None = None,
     out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, LayerStats]:
+) -> tuple[torch.Tensor, TensorStats]:
     merged, stats = modelstock.merge(
         method,
         [{NAME: m} for m in models],
@@ -168,15 +170,18 @@ def merge_one(
     return merged[NAME], stats[0]
 
 
-def model_stock_job(shape: tuple[int, ...], count: int, out_dtype: str, in_dtype: str, **params: bool) -> LayerJob:
-    return LayerJob(
+def inputs_of(count: int, dtype: str) -> tuple[TensorInput, ...]:
+    return tuple(TensorInput(i, NAME, dtype, f"input-{i}") for i in range(count))
+
+
+def model_stock_job(shape: tuple[int, ...], count: int, out_dtype: str, in_dtype: str, **params: bool) -> TensorJob:
+    return TensorJob(
         name=NAME,
         shape=shape,
         out_dtype=out_dtype,
         method="model_stock",
-        params=LayerParameters(method=ModelStockParameters(**params), models=tuple(NoParameters() for _ in range(count))),
-        inputs=tuple(f"input-{i}" for i in range(count + 1)),
-        input_dtypes=tuple(in_dtype for _ in range(count + 1)),
+        params=TensorParameters(method=ModelStockParameters(**params), models=tuple(NoParameters() for _ in range(count))),
+        inputs=inputs_of(count + 1, in_dtype),
         has_base=True,
     )
 
@@ -491,44 +496,43 @@ def test_property_permuting_finetunes_changes_nothing(
     "filter_wise, out_dtype", [(False, "F32"), (True, "F32"), (False, "BF16")], ids=["global", "filter_wise", "global-bf16"]
 )
 def test_chunked_merge_is_bit_identical_to_unchunked(filter_wise: bool, out_dtype: str) -> None:
-    rows, cols, count = 4 * engine.REDUCE_BLOCK_ELEMENTS // 1536 + 7, 1536, 2
-    assert rows * cols > 3 * engine.REDUCE_BLOCK_ELEMENTS
+    rows, cols, count = 4 * BLOCK_ELEMENTS // 1536 + 7, 1536, 2
+    assert rows * cols > 3 * BLOCK_ELEMENTS
     generator = torch.Generator().manual_seed(12)
     base = torch.randn(rows, cols, generator=generator)
     models = [base + 0.01 * torch.randn(rows, cols, generator=generator) for _ in range(count)]
     job = model_stock_job((rows, cols), count, out_dtype, "F32", filter_wise=filter_wise)
-    small_budget = engine.MIN_INPUT_BUDGET
+    small_budget = MIN_CHUNK_BYTES
     assert rows * cols * 4 * (count + 1) > small_budget
-    assert len(engine.row_chunks(job, small_budget)) > 1, "the small budget must force several chunks"
-    assert len(engine.row_chunks(job, 1 << 62)) == 1
+    assert len(chunk_plan_for(job, small_budget).chunks) > 1, "the small budget must force several chunks"
+    assert len(chunk_plan_for(job, 1 << 62).chunks) == 1
 
-    chunked, chunked_stats = merge_in_memory(job, base, models, memory_budget=small_budget)
-    whole, whole_stats = merge_in_memory(job, base, models)
+    chunked, chunked_stats = merge_in_memory(job, [base, *models], memory_budget=small_budget)
+    whole, whole_stats = merge_in_memory(job, [base, *models])
     assert chunked.dtype == whole.dtype
     assert chunked.contiguous().view(torch.uint8).equal(whole.contiguous().view(torch.uint8))
-    assert chunked_stats.values == whole_stats.values
-    assert chunked_stats.flags == whole_stats.flags
+    assert chunked_stats.values == {**whole_stats.values, "reread_bytes": chunked_stats.values["reread_bytes"]}
+    assert chunked_stats.flags == ["reread", *whole_stats.flags]
     # And both agree with the reference (a sample of rows, to keep the test fast).
     reference = reference_model_stock(base, models, filter_wise=filter_wise)
     assert_within_one_ulp(whole[::97], reference.merged[::97])
 
 
 def test_chunked_linear_is_bit_identical_to_unchunked() -> None:
-    rows, cols = 2 * engine.REDUCE_BLOCK_ELEMENTS // 1024 + 3, 1024
+    rows, cols = 4 * BLOCK_ELEMENTS // 1024 + 3, 1024
     generator = torch.Generator().manual_seed(13)
     models = [torch.randn(rows, cols, generator=generator) for _ in range(3)]
-    job = LayerJob(
+    job = TensorJob(
         name=NAME,
         shape=(rows, cols),
         out_dtype="F32",
         method="linear",
-        params=LayerParameters(LinearParameters(), tuple(LinearModelParameters(weight=w) for w in (1.0, 0.5, 2.0))),
-        inputs=("a", "b", "c"),
-        input_dtypes=("F32", "F32", "F32"),
+        params=TensorParameters(LinearParameters(), tuple(LinearModelParameters(weight=w) for w in (1.0, 0.5, 2.0))),
+        inputs=inputs_of(3, "F32"),
         has_base=False,
     )
-    assert len(engine.row_chunks(job, engine.MIN_INPUT_BUDGET)) > 1
-    chunked, _ = merge_in_memory(job, None, models, memory_budget=engine.MIN_INPUT_BUDGET)
-    whole, _ = merge_in_memory(job, None, models)
+    assert len(chunk_plan_for(job, MIN_CHUNK_BYTES).chunks) > 1
+    chunked, _ = merge_in_memory(job, models, memory_budget=MIN_CHUNK_BYTES)
+    whole, _ = merge_in_memory(job, models)
     assert chunked.view(torch.uint8).equal(whole.view(torch.uint8))
     assert_within_one_ulp(whole[::131], reference_linear([m[::131] for m in models], [1.0, 0.5, 2.0]))

@@ -16,8 +16,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modelstock import engine
+from modelstock import chunks
 from modelstock.api import merge_state_dicts
+from modelstock.engine import chunk_plan_for, merge_in_memory
+from modelstock.jobs import TensorInput, TensorJob
+from modelstock.methods.base import TensorParameters
+from modelstock.methods.dare import DareParameters
+from modelstock.methods.task_arithmetic import TaskVectorWeight
+from modelstock.methods.ties import TiesParameters
 from modelstock.errors import InvalidRecipe
 
 F32 = 2.0**-23
@@ -41,6 +47,12 @@ def assert_float32_of(actual: torch.Tensor, expected: torch.Tensor, scale: float
     error = (actual.double() - expected).abs()
     bound = 0.5 * F32 * expected.abs() + coefficient_ulps * F32 * scale + 1e-300
     assert bool((error <= bound * 1.0000001).all()), f"max error {float(error.max()):.3e}"
+
+
+def small_job(method: str, parameters: object, model: object, shape: tuple[int, int] = (64, 8)) -> TensorJob:
+    """The job of tensor "big" (base + 3 float32 fine-tunes)."""
+    inputs = tuple(TensorInput(i, "big", "F32", f"input-{i}") for i in range(4))
+    return TensorJob("big", shape, "F32", method, TensorParameters(parameters, (model,) * 3), inputs, has_base=True)
 
 
 def deltas64(base, fts, name):
@@ -139,12 +151,13 @@ def test_ties_top_k_is_over_the_whole_tensor_even_when_chunked(monkeypatch):
     base, fts = family(4, {"big": (64, 8)})
     params = dict(model_parameters=[{"weight": 1.0, "density": 0.2}] * 3)
     whole, _ = merge_state_dicts("ties", fts, base=base, **params)
-    # Tiny reduce blocks and budget: a row-blockwise top-k would select per block and differ.
-    monkeypatch.setattr(engine, "REDUCE_BLOCK_ELEMENTS", 16)
-    monkeypatch.setattr(engine, "MIN_INPUT_BUDGET", 64)
-    job = engine.LayerJob("big", (64, 8), "F32", "ties", None, ("a", "b", "c", "d"), ("F32",) * 4)
-    assert engine.row_chunks(job, 1) == [(0, 64)]
-    chunked, _ = merge_state_dicts("ties", fts, base=base, **params)
+    # Tiny blocks and budget: a row-blockwise top-k would select per block and differ.
+    monkeypatch.setattr(chunks, "BLOCK_ELEMENTS", 16)
+    monkeypatch.setattr(chunks, "MIN_CHUNK_BYTES", 64)
+    job = small_job("ties", TiesParameters(), TaskVectorWeight(weight=1.0, density=0.2))
+    assert chunk_plan_for(job, 1).chunks == ((0, 64),)
+    merged, _ = merge_in_memory(job, [base["big"], *(ft["big"] for ft in fts)], memory_budget=1)
+    chunked = {"big": merged}
     assert torch.equal(whole["big"], chunked["big"])
     trimmed = [reference_trim(d, 0.2, False) for d in deltas64(base, fts, "big")]
     assert_float32_of(chunked["big"], reference_consensus(base["big"].double(), trimmed, [1.0] * 3, True, 1.0), 1.0)
@@ -208,11 +221,13 @@ def test_dare_is_seeded_deterministic_and_independent_of_chunking(monkeypatch):
     first, _ = merge_state_dicts("dare_ties", fts, base=base, parameters={"random_seed": 3}, **params)
     again, _ = merge_state_dicts("dare_ties", fts, base=base, parameters={"random_seed": 3}, **params)
     other, _ = merge_state_dicts("dare_ties", fts, base=base, parameters={"random_seed": 4}, **params)
-    monkeypatch.setattr(engine, "REDUCE_BLOCK_ELEMENTS", 40)  # 2 rows per block
-    monkeypatch.setattr(engine, "MIN_INPUT_BUDGET", 1)
-    job = engine.LayerJob("big", (96, 20), "F32", "dare_ties", None, ("a", "b", "c", "d"), ("F32",) * 4)
-    assert len(engine.row_chunks(job, 1)) > 10
+    monkeypatch.setattr(chunks, "BLOCK_ELEMENTS", 40)  # 2 rows per block
+    monkeypatch.setattr(chunks, "MIN_CHUNK_BYTES", 1)
+    job = small_job("dare_ties", DareParameters(random_seed=3), TaskVectorWeight(weight=1.0, density=0.3), shape=(96, 20))
+    assert len(chunk_plan_for(job, 1).chunks) > 10
     chunked, _ = merge_state_dicts("dare_ties", fts, base=base, parameters={"random_seed": 3}, **params)
+    big, _ = merge_in_memory(job, [base["big"], *(ft["big"] for ft in fts)], memory_budget=1)
+    assert torch.equal(big, chunked["big"])
     for name in first:
         assert torch.equal(first[name], again[name])
         assert torch.equal(first[name], chunked[name]), name

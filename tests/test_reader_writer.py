@@ -22,12 +22,12 @@ from modelstock.checkpoint.reader import (
     SINGLE_FILE,
     Checkpoint,
     open_checkpoint,
-    read_rows,
     read_tensor,
 )
 from modelstock.checkpoint.writer import ShardWriter, TensorSpec
 from modelstock.dtypes import from_torch
 from modelstock.errors import InvalidCheckpoint, StorageAccessError
+from modelstock.fetch import read_rows
 
 
 @dataclass(frozen=True)

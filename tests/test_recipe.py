@@ -69,14 +69,14 @@ def test_model_stock_recipe(tmp_path: Path) -> None:
     assert recipe.base_model == "s3://bucket/base"
     assert recipe.model_urls == ["s3://bucket/ft-1", "s3://bucket/ft-2", "/local/ft-3"]
     assert recipe.output_dtype == "BF16"
-    params = recipe.layer_parameters("model.layers.0.mlp.up_proj.weight")
+    params = recipe.tensor_parameters("model.layers.0.mlp.up_proj.weight")
     assert params.method == ModelStockParameters(filter_wise=True, clamp_t=False)
     assert len(params.models) == 3
 
 
 def test_model_stock_defaults(tmp_path: Path) -> None:
     recipe = load_recipe(write(tmp_path, "merge_method: model_stock\nbase_model: b\nmodels: [{model: x}, {model: y}]\n"))
-    assert recipe.layer_parameters("w").method == ModelStockParameters(filter_wise=False, clamp_t=False)
+    assert recipe.tensor_parameters("w").method == ModelStockParameters(filter_wise=False, clamp_t=False)
     assert recipe.output_dtype is None  # the base model's dtype, decided from its header
 
 
@@ -84,14 +84,14 @@ def test_linear_recipe_with_conditional_weights(tmp_path: Path) -> None:
     recipe = load_recipe(write(tmp_path, LINEAR_YAML))
     assert recipe.base_model is None
     assert recipe.output_dtype == "F32"  # out_dtype wins over dtype
-    attention = recipe.layer_parameters("model.layers.3.self_attn.q_proj.weight")
+    attention = recipe.tensor_parameters("model.layers.3.self_attn.q_proj.weight")
     assert attention.method == LinearParameters(normalize=False)
     # Per model: its own value (first matching filter), else the top-level one, else the default.
     assert [p.weight for p in attention.models] == [0.3, 1.5, 0.25]
-    mlp = recipe.layer_parameters("model.layers.3.mlp.down_proj.weight")
+    mlp = recipe.tensor_parameters("model.layers.3.mlp.down_proj.weight")
     assert [p.weight for p in mlp.models] == [2.0, 1.5, 0.25]
     assert all(isinstance(p, LinearModelParameters) for p in mlp.models)
-    other = recipe.layer_parameters("model.norm.weight")
+    other = recipe.tensor_parameters("model.norm.weight")
     assert [p.weight for p in other.models] == [0.7, 1.5, 0.25]
 
 
@@ -105,8 +105,8 @@ def test_conditional_list_without_a_match_falls_back_to_the_default(tmp_path: Pa
       - model: b
     """
     recipe = load_recipe(write(tmp_path, text))
-    assert [p.weight for p in recipe.layer_parameters("mlp.weight").models] == [1.0, 1.0]
-    assert [p.weight for p in recipe.layer_parameters("self_attn.weight").models] == [3.0, 1.0]
+    assert [p.weight for p in recipe.tensor_parameters("mlp.weight").models] == [1.0, 1.0]
+    assert [p.weight for p in recipe.tensor_parameters("self_attn.weight").models] == [3.0, 1.0]
 
 
 def test_dtype_alone_sets_the_output_dtype(tmp_path: Path) -> None:
@@ -210,7 +210,7 @@ def test_missing_recipe_file(tmp_path: Path) -> None:
 
 def test_yes_is_a_yaml_boolean_but_quoted_yes_is_not(tmp_path: Path) -> None:
     base = "merge_method: model_stock\nbase_model: b\nmodels: [{model: x}, {model: y}]\nparameters:\n  filter_wise: "
-    assert load_recipe(write(tmp_path, base + "yes\n", "a.yml")).layer_parameters("w").method.filter_wise is True
+    assert load_recipe(write(tmp_path, base + "yes\n", "a.yml")).tensor_parameters("w").method.filter_wise is True
     with pytest.raises(InvalidRecipe):
         load_recipe(write(tmp_path, base + "'yes'\n", "b.yml"))
 
@@ -221,7 +221,7 @@ def test_parse_recipe_names_its_source() -> None:
     weights_as_ints = parse_recipe(
         {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 2}}, {"model": "b"}]}
     )
-    assert [p.weight for p in weights_as_ints.layer_parameters("w").models] == [2.0, 1.0]
+    assert [p.weight for p in weights_as_ints.tensor_parameters("w").models] == [2.0, 1.0]
 
 
 @pytest.mark.parametrize("method, parameters", [("ties", "{weight: 1.0, density: 0.5}"), ("task_arithmetic", "{weight: 1.0}")])

@@ -13,7 +13,7 @@ import json
 import struct
 from dataclasses import dataclass, field
 
-from modelstock.dtypes import SAFETENSORS_DTYPE_BITS, tensor_nbytes
+from modelstock.dtypes import SAFETENSORS_DTYPE_BITS, element_count, tensor_nbytes
 from modelstock.errors import InvalidCheckpoint
 
 LENGTH_PREFIX_BYTES = 8
@@ -39,10 +39,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count
+        return element_count(self.shape)
 
 
 @dataclass(frozen=True)

@@ -62,14 +62,6 @@ class TensorLocation:
     def name(self) -> str:
         return self.entry.name
 
-    @property
-    def row_count(self) -> int:
-        return self.entry.shape[0] if len(self.entry.shape) >= 2 else 1
-
-    @property
-    def row_bytes(self) -> int:
-        rows = self.row_count
-        return self.entry.nbytes // rows if rows else 0
 
 
 @dataclass(frozen=True)
@@ -224,26 +216,6 @@ def tensor_from_bytes(blob: bytes | bytearray | memoryview, dtype: str, shape: S
         warnings.simplefilter("ignore", UserWarning)
         flat = torch.frombuffer(blob, dtype=to_torch(dtype))
     return flat.reshape(tuple(shape))
-
-
-def row_block_range(location: TensorLocation, row_start: int, row_stop: int) -> tuple[int, int]:
-    """Absolute byte range of rows ``[row_start, row_stop)`` of a tensor's 2-D row view."""
-    start = location.entry.start + row_start * location.row_bytes
-    return start, start + (row_stop - row_start) * location.row_bytes
-
-
-def read_rows(locations: Sequence[TensorLocation], row_start: int, row_stop: int) -> list[torch.Tensor]:
-    """Rows ``[row_start, row_stop)`` of the same tensor in several checkpoints, read concurrently.
-
-    Each tensor is viewed as ``(rows, -1)`` where rows is the first dimension (1 for 0-D/1-D).
-    """
-    ranges = [row_block_range(loc, row_start, row_stop) for loc in locations]
-    blobs = storage.read_ranges([loc.file for loc in locations], [r[0] for r in ranges], [r[1] for r in ranges])
-    tensors = []
-    for loc, blob in zip(locations, blobs):
-        cols = loc.entry.numel // loc.row_count if loc.row_count else 0
-        tensors.append(tensor_from_bytes(blob, loc.entry.dtype, (row_stop - row_start, cols)))
-    return tensors
 
 
 def read_tensor(location: TensorLocation) -> torch.Tensor:

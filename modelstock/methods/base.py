@@ -1,16 +1,17 @@
 """What a merge method is: pure functions over row blocks of one tensor, plus typed parameters.
 
-A method is split the way chunked execution needs it:
+A method is split the way memory-bounded execution needs it (docs/ARCHITECTURE.md, "Numerics"):
 
-- ``reduce`` (optional) turns one row block of the inputs into float64 partial sums, one row per
-  input row. It also gets the blend's compute dtype (float32 for 16-bit outputs, else float64). Partials of a tensor are either summed (one statistic for the whole tensor) or kept
-  per row (``filter_wise``-style methods), in a fixed block order, so a tensor processed in
-  memory-bounded chunks gives exactly the bytes of the unchunked path.
-- ``finalize`` turns the reductions into blend coefficients and the per-layer statistics that go
-  into the report.
+- ``reduce`` (optional) turns one row block of the inputs into partial sums, one row per input
+  row. Partials of a tensor are either summed (one statistic for the whole tensor) or kept per
+  row (``filter_wise``-style methods), over fixed blocks in a fixed order, so a tensor processed
+  in memory-bounded chunks gives exactly the bytes of the unchunked path.
+- ``finalize`` turns the reductions into blend coefficients and the values the report records.
 - ``blend`` produces the merged rows from the input rows and the coefficients.
 
-Methods that need the whole tensor at once (e.g. top-k trimming) set ``whole_tensor=True``.
+Methods that need the base model get a :class:`BaseBlock` (its ``base`` is a tensor, never
+None); the others a :class:`ModelsBlock`. Blend-only methods are written as one decorated
+function (:func:`modelstock.methods.define.blend_method`).
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import torch
 
 ReductionScope = Literal["tensor", "rows"]
+
+P = TypeVar("P")  # the method's parameters (a frozen dataclass)
+M = TypeVar("M")  # one model's parameters (a frozen dataclass)
 
 
 @dataclass(frozen=True)
@@ -31,32 +35,45 @@ class NoParameters:
 
 
 @dataclass(frozen=True)
-class LayerBlock:
-    """Rows ``[row_start, row_stop)`` of one tensor in every input, each viewed as (rows, cols).
+class ModelsBlock:
+    """Rows ``[row_start, row_stop)`` of one tensor in every model, each viewed as (rows, cols).
 
-    ``base`` is None for methods without a base model. Tensors are read-only and keep their
-    storage dtype; methods convert to their compute dtype themselves.
+    Tensors are read-only and keep their storage dtype unless a method's wrapper says otherwise.
     """
 
     name: str
     shape: tuple[int, ...]
     row_start: int
     row_stop: int
-    base: torch.Tensor | None
     models: Sequence[torch.Tensor]
+
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        return list(self.models)
 
 
 @dataclass(frozen=True)
-class LayerParameters:
-    """A method's parameters resolved for one tensor: global ones and one set per model."""
+class BaseBlock(ModelsBlock):
+    """A block of a method that needs the base model: ``base`` is always there."""
 
-    method: Any
-    models: tuple[Any, ...]
+    base: torch.Tensor
+
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        return [self.base, *self.models]
+
+
+@dataclass(frozen=True)
+class TensorParameters(Generic[P, M]):
+    """A method's parameters resolved for one tensor: the method's own and one set per model."""
+
+    method: P
+    models: tuple[M, ...]
 
 
 @dataclass
-class LayerStats:
-    """What the report records for one tensor."""
+class TensorStats:
+    """What the report records for one output tensor."""
 
     name: str
     method: str
@@ -76,7 +93,7 @@ class LayerStats:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "LayerStats":
+    def from_json(cls, data: dict[str, Any]) -> TensorStats:
         data = dict(data)
         return cls(
             name=data.pop("name"),
@@ -88,11 +105,14 @@ class LayerStats:
         )
 
 
+Coefficients = dict[str, torch.Tensor]
+
+
 @dataclass(frozen=True)
 class Finalized:
     """Blend coefficients (any tensors the method's blend needs) and the report's values."""
 
-    coefficients: dict[str, torch.Tensor]
+    coefficients: Coefficients
     values: dict[str, Any]
     flags: list[str]
     # True when the reductions covered every input value and the blend is a convex combination
@@ -100,46 +120,64 @@ class Finalized:
     convex: bool = False
 
 
-ReduceFn = Callable[[LayerBlock, LayerParameters, torch.dtype], torch.Tensor]
-FinalizeFn = Callable[[torch.Tensor, LayerParameters, int], Finalized]
-BlendFn = Callable[[LayerBlock, dict[str, torch.Tensor], LayerParameters, torch.dtype], torch.Tensor]
-ScopeFn = Callable[[LayerParameters, tuple[int, ...]], ReductionScope]
+ReduceFn = Callable[[Any, TensorParameters[Any, Any], torch.dtype], torch.Tensor]
+FinalizeFn = Callable[[torch.Tensor, TensorParameters[Any, Any], int], Finalized]
+BlendFn = Callable[[Any, Coefficients, TensorParameters[Any, Any], torch.dtype], torch.Tensor]
+ScopeFn = Callable[[TensorParameters[Any, Any], tuple[int, ...]], ReductionScope]
+# Raises InvalidRecipe when the parameters resolved for a tensor (named) cannot be merged.
+ValidateFn = Callable[[TensorParameters[Any, Any], str], None]
+
+
+def whole_tensor_scope(params: TensorParameters[Any, Any], shape: tuple[int, ...]) -> ReductionScope:
+    return "tensor"
 
 
 @dataclass(frozen=True)
-class MergeMethod:
-    """One merge method, registered by name."""
+class Reduction:
+    """The first pass of a two-pass method: partial sums per block, then coefficients."""
+
+    reduce: ReduceFn
+    finalize: FinalizeFn
+    scope: ScopeFn = whole_tensor_scope
+
+
+@dataclass(frozen=True)
+class MergeMethod(Generic[P, M]):
+    """One merge method, registered by name.
+
+    ``blend`` receives a :class:`BaseBlock` when ``needs_base``, else a :class:`ModelsBlock`.
+    """
 
     name: str
+    summary: str
     blend: BlendFn
-    method_parameters: type = NoParameters
-    model_parameters: type = NoParameters
-    needs_base: bool = False
+    parameters: type[P]
+    model_parameters: type[M]
+    needs_base: bool
     min_models: int = 1
     max_models: int | None = None
-    reduce: ReduceFn | None = None
-    finalize: FinalizeFn | None = None
-    reduction_scope: ScopeFn = lambda params, shape: "tensor"
+    reduction: Reduction | None = None
+    # Needs every row of the tensor at once (e.g. an exact top-k over the whole tensor).
     whole_tensor: bool = False
+    validate: ValidateFn | None = None
     # mergekit configs list the base among the models; most methods skip it as mergekit does.
     refuse_base_in_models: bool = False
-    summary: str = ""
 
     def parameter_names(self) -> tuple[set[str], set[str]]:
-        """(global parameter names, per-model parameter names), as written in recipes."""
+        """(method parameter names, per-model parameter names), as written in recipes."""
         return (
-            {recipe_name(f) for f in dataclasses.fields(self.method_parameters)},
-            {recipe_name(f) for f in dataclasses.fields(self.model_parameters)},
+            {recipe_name(f) for f in dataclasses.fields(self.parameters)},  # type: ignore[arg-type]
+            {recipe_name(f) for f in dataclasses.fields(self.model_parameters)},  # type: ignore[arg-type]
         )
 
 
-def recipe_name(parameter: dataclasses.Field) -> str:
+def recipe_name(parameter: dataclasses.Field[Any]) -> str:
     """A parameter's name in recipes: the field name, unless metadata ``recipe_name`` overrides it.
 
     mergekit's ``lambda`` is a Python keyword, so its field is ``lambda_`` with
     ``field(metadata={"recipe_name": "lambda"})``.
     """
-    return parameter.metadata.get("recipe_name", parameter.name)
+    return str(parameter.metadata.get("recipe_name", parameter.name))
 
 
 def compute_dtype_for(out_dtype: torch.dtype) -> torch.dtype:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from modelstock.methods import register
-from modelstock.methods.base import Finalized, LayerBlock, LayerParameters, MergeMethod
+from modelstock.methods.registry import register
+from modelstock.methods.base import BaseBlock, Coefficients, Finalized, MergeMethod, Reduction, TensorParameters
 from modelstock.methods.task_arithmetic import TaskVectorWeight, combine_task_vectors, lambda_field
 
 RESCALE_EPS = 1e-7
@@ -46,6 +46,9 @@ class DareParameters:
     lambda_: float = lambda_field()
     int8_mask: bool = False
     random_seed: int = 0
+
+
+Parameters = TensorParameters[DareParameters, TaskVectorWeight]
 
 
 def stream_key(random_seed: int, tensor: str, model_index: int) -> int:
@@ -78,7 +81,7 @@ def keep_mask(key: int, row_start: int, rows: int, cols: int, density: float, de
     return (uniform_at(key, index) < density).reshape(rows, cols)
 
 
-def _dropped(block: LayerBlock, params: LayerParameters, index: int, delta: torch.Tensor) -> torch.Tensor:
+def _dropped(block: BaseBlock, params: Parameters, index: int, delta: torch.Tensor) -> torch.Tensor:
     density = params.models[index].density
     if density >= 1:
         return delta
@@ -88,9 +91,8 @@ def _dropped(block: LayerBlock, params: LayerParameters, index: int, delta: torc
     return torch.where(mask.reshape(delta.shape), delta, 0.0)
 
 
-def l1_norms(block: LayerBlock, params: LayerParameters, compute: torch.dtype = torch.float64) -> torch.Tensor:
+def l1_norms(block: BaseBlock, params: Parameters, compute: torch.dtype) -> torch.Tensor:
     """Per row, per model: ``|d_i|_1``, ``|dropped d_i|_1`` and the kept count, in float64."""
-    assert block.base is not None
     base = block.base.to(torch.float64)
     columns = []
     for index, model in enumerate(block.models):
@@ -100,7 +102,7 @@ def l1_norms(block: LayerBlock, params: LayerParameters, compute: torch.dtype = 
     return torch.stack(columns, dim=1)
 
 
-def finalize(reductions: torch.Tensor, params: LayerParameters, count: int) -> Finalized:
+def finalize(reductions: torch.Tensor, params: Parameters, count: int) -> Finalized:
     sums = reductions.reshape(count, 3)
     scales = []
     for index in range(count):
@@ -121,10 +123,9 @@ def finalize(reductions: torch.Tensor, params: LayerParameters, count: int) -> F
 
 
 def _blend(
-    block: LayerBlock, coefficients: dict[str, torch.Tensor], params: LayerParameters, compute: torch.dtype,
+    block: BaseBlock, coefficients: Coefficients, params: Parameters, compute: torch.dtype,
     sign_consensus: bool,
 ) -> torch.Tensor:
-    assert block.base is not None
     base = block.base.to(compute)
     scale = coefficients["scale"].reshape(-1)
     deltas = [
@@ -142,13 +143,13 @@ def _blend(
 
 
 def blend_ties(
-    block: LayerBlock, coefficients: dict[str, torch.Tensor], params: LayerParameters, compute: torch.dtype
+    block: BaseBlock, coefficients: Coefficients, params: Parameters, compute: torch.dtype
 ) -> torch.Tensor:
     return _blend(block, coefficients, params, compute, sign_consensus=True)
 
 
 def blend_linear(
-    block: LayerBlock, coefficients: dict[str, torch.Tensor], params: LayerParameters, compute: torch.dtype
+    block: BaseBlock, coefficients: Coefficients, params: Parameters, compute: torch.dtype
 ) -> torch.Tensor:
     return _blend(block, coefficients, params, compute, sign_consensus=False)
 
@@ -157,12 +158,11 @@ DARE_TIES = register(
     MergeMethod(
         name="dare_ties",
         summary="DARE-TIES: drop task-vector entries at random (seeded), rescale, elect signs, merge",
-        method_parameters=DareParameters,
+        parameters=DareParameters,
         model_parameters=TaskVectorWeight,
         needs_base=True,
         min_models=1,
-        reduce=l1_norms,
-        finalize=finalize,
+        reduction=Reduction(l1_norms, finalize),
         blend=blend_ties,
     )
 )
@@ -171,12 +171,11 @@ DARE_LINEAR = register(
     MergeMethod(
         name="dare_linear",
         summary="DARE: drop task-vector entries at random (seeded), rescale, add them to the base",
-        method_parameters=DareParameters,
+        parameters=DareParameters,
         model_parameters=TaskVectorWeight,
         needs_base=True,
         min_models=1,
-        reduce=l1_norms,
-        finalize=finalize,
+        reduction=Reduction(l1_norms, finalize),
         blend=blend_linear,
     )
 )

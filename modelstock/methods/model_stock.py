@@ -11,9 +11,11 @@ Degenerate cases, each flagged in the report:
   ``clamp_t`` clamps t to [0, 1];
 - ``|1 + (N - 1) cos_theta| < 1e-6`` (t would explode): t = 0, the base weights are kept.
 
-Reductions run in float64 and t stays float64: rounding t (e.g. to float32) moves a float32
-output by up to |t error| * |mean - base|, many ulps where the merge nearly cancels. Output bytes do
-not depend on chunking because the engine reduces over fixed blocks in a fixed order.
+Numerics (docs/ARCHITECTURE.md, "Numerics"): inner products are computed in float64 over the
+engine's fixed, cache-sized blocks and summed in block order; t stays float64. Measured on the
+1.1B benchmark, float32 block sums would make this pass ~1.4x faster but move t by ~1e-8
+relative, which makes the report inexact and lets a reordering of the fine-tunes flip bf16
+roundings; the pass is not the merge's bottleneck, so float64 stays.
 """
 
 from __future__ import annotations
@@ -22,14 +24,17 @@ from dataclasses import dataclass
 
 import torch
 
-from modelstock.methods import register
 from modelstock.methods.base import (
+    BaseBlock,
+    Coefficients,
     Finalized,
-    LayerBlock,
-    LayerParameters,
     MergeMethod,
+    NoParameters,
+    Reduction,
     ReductionScope,
+    TensorParameters,
 )
+from modelstock.methods.registry import register
 
 DENOMINATOR_EPS = 1e-6
 
@@ -40,19 +45,16 @@ class ModelStockParameters:
     clamp_t: bool = False
 
 
-def reduction_scope(params: LayerParameters, shape: tuple[int, ...]) -> ReductionScope:
+Parameters = TensorParameters[ModelStockParameters, NoParameters]
+
+
+def reduction_scope(params: Parameters, shape: tuple[int, ...]) -> ReductionScope:
     # One angle per output row of a matrix; a vector (bias, norm) is a single row, as in mergekit.
     return "rows" if params.method.filter_wise and len(shape) >= 2 else "tensor"
 
 
-def task_vector_gram(block: LayerBlock, params: LayerParameters, compute: torch.dtype = torch.float64) -> torch.Tensor:
-    """Inner products <d_i, d_j> in float64: shape (rows, N*N) per row, or (1, N*N) summed.
-
-    Always float64, whatever the output dtype: the report's angles are exact to ~1e-15 and the
-    merge does not depend on the fine-tunes' order (float32 runs would be 2x faster here but
-    move t by ~1e-8, enough to flip a few bf16 roundings per million weights on a reorder).
-    """
-    assert block.base is not None
+def task_vector_gram(block: BaseBlock, params: Parameters, compute: torch.dtype) -> torch.Tensor:
+    """Inner products <d_i, d_j> of one block in float64: (rows, N*N) per row, or (1, N*N)."""
     base = block.base.to(torch.float64)
     count = len(block.models)
     deltas = torch.empty((count, *base.shape), dtype=torch.float64, device=base.device)
@@ -62,9 +64,13 @@ def task_vector_gram(block: LayerBlock, params: LayerParameters, compute: torch.
     if reduction_scope(params, block.shape) == "rows":
         per_row = deltas.permute(1, 0, 2)  # (rows, N, cols)
         gram = torch.bmm(per_row, per_row.transpose(1, 2))
-        return gram.reshape(-1, count * count)
-    flat = deltas.reshape(count, -1)
-    return (flat @ flat.T).reshape(1, count * count)
+    else:
+        flat = deltas.reshape(count, -1)
+        gram = (flat @ flat.T).unsqueeze(0)
+    # Symmetrised: <d_i, d_j> and <d_j, d_i> may round differently in a matrix product, and
+    # permuting the fine-tunes must not change t.
+    gram = (gram + gram.transpose(1, 2)) * 0.5
+    return gram.reshape(-1, count * count)
 
 
 def model_stock_ratio(cos_theta: torch.Tensor, count: int) -> torch.Tensor:
@@ -72,7 +78,7 @@ def model_stock_ratio(cos_theta: torch.Tensor, count: int) -> torch.Tensor:
     return count * cos_theta / (1 + (count - 1) * cos_theta)
 
 
-def finalize(reductions: torch.Tensor, params: LayerParameters, count: int) -> Finalized:
+def finalize(reductions: torch.Tensor, params: Parameters, count: int) -> Finalized:
     gram = reductions.reshape(-1, count, count)
     squared_norms = torch.diagonal(gram, dim1=1, dim2=2).clamp_min(0)  # (G, N)
     norms = squared_norms.sqrt()
@@ -134,11 +140,8 @@ def finalize(reductions: torch.Tensor, params: LayerParameters, count: int) -> F
     return Finalized(coefficients={"t": t.unsqueeze(1)}, values=values, flags=flags, convex=convex)
 
 
-def blend(
-    block: LayerBlock, coefficients: dict[str, torch.Tensor], params: LayerParameters, compute: torch.dtype
-) -> torch.Tensor:
+def blend(block: BaseBlock, coefficients: Coefficients, params: Parameters, compute: torch.dtype) -> torch.Tensor:
     """t * mean_i(w_i) + (1 - t) * w_0, row by row when t is per row."""
-    assert block.base is not None
     t = coefficients["t"]
     # copy=True: when the inputs already have the compute dtype, .to() returns the input itself and
     # the in-place ops below would overwrite the caller's (or the read buffer's) weights.
@@ -158,13 +161,12 @@ METHOD = register(
     MergeMethod(
         name="model_stock",
         summary="Model Stock: interpolate the fine-tunes' average toward the base by the task vectors' angle",
-        method_parameters=ModelStockParameters,
+        blend=blend,
+        parameters=ModelStockParameters,
+        model_parameters=NoParameters,
         needs_base=True,
         min_models=2,
-        reduce=task_vector_gram,
-        finalize=finalize,
-        blend=blend,
-        reduction_scope=reduction_scope,
+        reduction=Reduction(task_vector_gram, finalize, reduction_scope),
         refuse_base_in_models=True,  # N and the angle would silently include a zero task vector
     )
 )

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from modelstock.methods import register
-from modelstock.methods.base import Finalized, LayerBlock, LayerParameters, MergeMethod
+from modelstock.methods.registry import register
+from modelstock.methods.base import BaseBlock, Coefficients, Finalized, MergeMethod, NoParameters, Reduction, TensorParameters
 
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
@@ -27,9 +27,11 @@ class SlerpParameters:
     t: float
 
 
-def inner_products(block: LayerBlock, params: LayerParameters, compute: torch.dtype = torch.float64) -> torch.Tensor:
+Parameters = TensorParameters[SlerpParameters, NoParameters]
+
+
+def inner_products(block: BaseBlock, params: Parameters, compute: torch.dtype) -> torch.Tensor:
     """Per row, in float64: ``|w_0|^2``, ``|w_1|^2``, ``<w_0, w_1>``."""
-    assert block.base is not None
     a = block.base.to(torch.float64)
     b = block.models[0].to(torch.float64)
     return torch.stack([(a * a).sum(dim=1), (b * b).sum(dim=1), (a * b).sum(dim=1)], dim=1)
@@ -47,7 +49,7 @@ def slerp_coefficients(norm_a: float, norm_b: float, dot: float, t: float) -> tu
     return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta, cos, False
 
 
-def finalize(reductions: torch.Tensor, params: LayerParameters, count: int) -> Finalized:
+def finalize(reductions: torch.Tensor, params: Parameters, count: int) -> Finalized:
     squared_a, squared_b, dot = (float(v) for v in reductions.reshape(3))
     t = params.method.t
     coef_a, coef_b, cos, linear = slerp_coefficients(math.sqrt(max(squared_a, 0.0)), math.sqrt(max(squared_b, 0.0)), dot, t)
@@ -62,9 +64,8 @@ def finalize(reductions: torch.Tensor, params: LayerParameters, count: int) -> F
 
 
 def blend(
-    block: LayerBlock, coefficients: dict[str, torch.Tensor], params: LayerParameters, compute: torch.dtype
+    block: BaseBlock, coefficients: Coefficients, params: Parameters, compute: torch.dtype
 ) -> torch.Tensor:
-    assert block.base is not None
     coef_a, coef_b = coefficients["slerp"].reshape(2).to(compute)
     return block.base.to(compute) * coef_a + block.models[0].to(compute) * coef_b
 
@@ -73,12 +74,12 @@ METHOD = register(
     MergeMethod(
         name="slerp",
         summary="SLERP: spherical interpolation between the base and one model",
-        method_parameters=SlerpParameters,
+        parameters=SlerpParameters,
+        model_parameters=NoParameters,
         needs_base=True,
         min_models=1,
         max_models=1,
-        reduce=inner_products,
-        finalize=finalize,
+        reduction=Reduction(inner_products, finalize),
         blend=blend,
     )
 )

@@ -16,26 +16,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from modelstock.methods import register
-from modelstock.methods.base import LayerBlock, LayerParameters, MergeMethod
+from modelstock.methods.base import BaseBlock
+from modelstock.methods.define import blend_method
 
 WEIGHT_SUM_EPS = 1e-8
 
 
-def lambda_field() -> float:
+def lambda_field() -> Any:
     """The ``lambda`` parameter (a Python keyword, hence the field name ``lambda_``)."""
     return field(default=1.0, metadata={"recipe_name": "lambda"})
-
-
-@dataclass(frozen=True)
-class TaskArithmeticParameters:
-    normalize: bool = False
-    lambda_: float = lambda_field()
-    rescale: bool = False
-    int8_mask: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,6 +56,7 @@ def combine_task_vectors(
 ) -> torch.Tensor:
     """``base + scale * sum_i a_i d_i / D`` (see the module docstring for ``D`` and consensus)."""
     weighted = [delta * weight for delta, weight in zip(deltas, weights)]
+    divisor: torch.Tensor
     if sign_consensus:
         majority = elect_sign(weighted)
         agree = [torch.sign(w) == majority for w in weighted]
@@ -83,30 +77,18 @@ def combine_task_vectors(
     return base + mixed
 
 
-def blend(
-    block: LayerBlock, coefficients: dict[str, torch.Tensor], params: LayerParameters, compute: torch.dtype
+@blend_method("task_arithmetic", summary="Task arithmetic: add the weighted sum of the task vectors to the base")
+def task_arithmetic(
+    block: BaseBlock,
+    *,
+    weight: tuple[float, ...],
+    density: tuple[float, ...] = (1.0,),
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    rescale: bool = False,
+    int8_mask: bool = False,
 ) -> torch.Tensor:
-    assert block.base is not None
-    base = block.base.to(compute)
-    deltas = [model.to(compute) - base for model in block.models]
+    deltas = [model - block.base for model in block.models]
     return combine_task_vectors(
-        base,
-        deltas,
-        [p.weight for p in params.models],
-        sign_consensus=False,
-        normalize=params.method.normalize,
-        scale=params.method.lambda_,
+        block.base, deltas, weight, sign_consensus=False, normalize=normalize, scale=lambda_
     )
-
-
-METHOD = register(
-    MergeMethod(
-        name="task_arithmetic",
-        summary="Task arithmetic: add the weighted sum of the task vectors to the base",
-        method_parameters=TaskArithmeticParameters,
-        model_parameters=TaskVectorWeight,
-        needs_base=True,
-        min_models=1,
-        blend=blend,
-    )
-)

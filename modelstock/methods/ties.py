@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from modelstock.methods import register
-from modelstock.methods.base import LayerBlock, LayerParameters, MergeMethod
+from modelstock.methods.registry import register
+from modelstock.methods.base import BaseBlock, Coefficients, MergeMethod, TensorParameters
 from modelstock.methods.task_arithmetic import TaskVectorWeight, combine_task_vectors, lambda_field
 
 RESCALE_EPS = 1e-7
@@ -30,6 +30,9 @@ class TiesParameters:
     rescale: bool = False
     lambda_: float = lambda_field()
     int8_mask: bool = False
+
+
+Parameters = TensorParameters[TiesParameters, TaskVectorWeight]
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -64,9 +67,8 @@ def trim(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
 
 
 def blend(
-    block: LayerBlock, coefficients: dict[str, torch.Tensor], params: LayerParameters, compute: torch.dtype
+    block: BaseBlock, coefficients: Coefficients, params: Parameters, compute: torch.dtype
 ) -> torch.Tensor:
-    assert block.base is not None
     base = block.base.to(compute)
     deltas = [
         trim(model.to(compute) - base, p.density, params.method.rescale)
@@ -86,7 +88,7 @@ METHOD = register(
     MergeMethod(
         name="ties",
         summary="TIES: keep each task vector's largest entries, elect signs, average the agreeing ones",
-        method_parameters=TiesParameters,
+        parameters=TiesParameters,
         model_parameters=TaskVectorWeight,
         needs_base=True,
         min_models=1,

@@ -1,0 +1,67 @@
+"""What to compute for one output tensor: a small, picklable job (no tensors inside).
+
+The planner (``modelstock.planner``) makes one job per output tensor from a recipe and the
+inputs' tensor catalogs; the engine merges it; the shard writer streams it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from modelstock.dtypes import dtype_bits, element_count, row_view, tensor_nbytes
+from modelstock.methods.base import TensorParameters
+
+
+@dataclass(frozen=True)
+class TensorInput:
+    """One input of a job: which input model (its index in the merge's inputs: the base first when
+    the recipe has one, then the models in recipe order), which tensor of it, its storage dtype,
+    and a label for error messages (the file URL)."""
+
+    model: int
+    tensor: str
+    dtype: str
+    label: str
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor and how to produce it.
+
+    ``method`` is None for a tensor copied from its single input (excluded by the recipe, or not
+    floating point). With ``has_base`` the first input is the base model's tensor.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: str
+    method: str | None
+    params: TensorParameters[Any, Any] | None
+    inputs: tuple[TensorInput, ...]
+    has_base: bool
+    flags: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def rows(self) -> int:
+        return row_view(self.shape)[0]
+
+    @property
+    def cols(self) -> int:
+        return row_view(self.shape)[1]
+
+    @property
+    def numel(self) -> int:
+        return element_count(self.shape)
+
+    @property
+    def out_nbytes(self) -> int:
+        return tensor_nbytes(self.out_dtype, self.shape)
+
+    @property
+    def input_bytes_per_row(self) -> int:
+        return max(1, self.cols * sum(dtype_bits(i.dtype) for i in self.inputs) // 8)
+
+    @property
+    def input_nbytes(self) -> int:
+        return sum(tensor_nbytes(i.dtype, self.shape) for i in self.inputs)

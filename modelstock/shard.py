@@ -1,0 +1,90 @@
+"""Produce one output shard: read each tensor's inputs by byte ranges, merge, stream out.
+
+This is the body of a pipeline worker, free of Ray so it can be run and tested anywhere. Every
+chunk the engine will ask for is known in advance from the tensors' chunk plans, so a read
+scheduler (``modelstock.fetch``) fetches them in order ahead of use, within the memory budget,
+while the engine merges and the writer hashes and writes on their own threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from modelstock.checkpoint.reader import TensorLocation
+from modelstock.checkpoint.writer import ShardWriter, TensorSpec, WrittenShard
+from modelstock.chunks import ChunkPlan
+from modelstock.dtypes import tensor_nbytes
+from modelstock.engine import BlockRunner, LoadedChunk, chunk_plan_for, merge_tensor
+from modelstock.fetch import (
+    DEFAULT_IO_CONCURRENCY,
+    LOCAL_IO_CONCURRENCY,
+    ChunkFetcher,
+    ChunkRead,
+    heap_buffer,
+    pinned_buffer,
+)
+from modelstock.jobs import TensorJob
+from modelstock.methods.base import TensorStats
+from modelstock.storage import Location
+
+
+@dataclass(frozen=True)
+class ShardTensor:
+    """A tensor job with the locations of its inputs (same order as ``job.inputs``)."""
+
+    job: TensorJob
+    locations: tuple[TensorLocation, ...]
+
+    @property
+    def out_nbytes(self) -> int:
+        return tensor_nbytes(self.job.out_dtype, self.job.shape)
+
+    @property
+    def input_nbytes(self) -> int:
+        return sum(loc.entry.nbytes for loc in self.locations)
+
+
+@dataclass(frozen=True)
+class MergedShard:
+    written: WrittenShard
+    tensors: list[TensorStats]
+    bytes_read: int
+
+
+def chunk_reads(index: int, tensor: ShardTensor, plan: ChunkPlan) -> list[ChunkRead]:
+    """The reads of one tensor's chunk plan, in the order the engine asks for them."""
+    return [ChunkRead((index, start, stop), tensor.locations) for start, stop in plan.reads]
+
+
+def merge_into_shard(
+    location: Location,
+    tensors: Sequence[ShardTensor],
+    memory_budget: int,
+    device: torch.device | None = None,
+    threads: int = 1,
+    io_concurrency: int | None = None,
+) -> MergedShard:
+    """Merge ``tensors`` in order into the safetensors file at ``location``."""
+    plans = [chunk_plan_for(t.job, memory_budget) for t in tensors]
+    schedule = [read for index, (t, plan) in enumerate(zip(tensors, plans)) for read in chunk_reads(index, t, plan)]
+    local = all(loc.file.is_local for t in tensors for loc in t.locations)
+    concurrency = io_concurrency or (LOCAL_IO_CONCURRENCY if local else DEFAULT_IO_CONCURRENCY)
+    on_gpu = device is not None and device.type == "cuda"
+    specs = [TensorSpec(t.job.name, t.job.out_dtype, t.job.shape) for t in tensors]
+    stats: list[TensorStats] = []
+    writer = ShardWriter(location, specs)
+    with ChunkFetcher(schedule, memory_budget, concurrency, allocate=pinned_buffer if on_gpu else heap_buffer) as fetcher, \
+            BlockRunner(threads) as runner, writer:
+        for index, (tensor, plan) in enumerate(zip(tensors, plans)):
+
+            def read(start: int, stop: int, index: int = index) -> LoadedChunk:
+                return fetcher.read((index, start, stop))
+
+            tensor_stats, blocks = merge_tensor(tensor.job, plan, read, device, runner)
+            for block in blocks:
+                writer.write_block(tensor.job.name, block)
+            stats.append(tensor_stats)
+    return MergedShard(written=writer.result, tensors=stats, bytes_read=fetcher.bytes_read)

@@ -1,0 +1,60 @@
+"""``modelstock merge CONFIG.yml OUT_URL``: plan from headers, merge on Ray, optionally evaluate."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from cluster.session import ray_session
+from modelstock.recipe import load_recipe
+from pipeline.cli.evaluate import evaluate_merged
+from pipeline.cli.options import EXIT_OK, RunOptions, add_ray_options, parse_size, positive_int
+from pipeline.driver import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, MergeRequest, prepare_merge, run_merge
+
+
+def run(args: argparse.Namespace) -> int:
+    options = RunOptions.from_args(args)
+    request = MergeRequest(
+        recipe=load_recipe(args.config),
+        out_url=args.out_url,
+        storage_options=options.storage_options,
+        shard_size=args.shard_size,
+        memory_budget=args.memory_budget,
+        overwrite=args.overwrite,
+        workers=options.workers,
+        progress=options.progress,
+        device=args.device,
+        io_concurrency=args.io_concurrency,
+    )
+    prepared = prepare_merge(request)  # headers and plan first: bad input never waits for Ray
+    with ray_session(options.address, num_cpus=options.workers, quiet=options.quiet):
+        result = run_merge(request, prepared)
+        if args.eval:  # the merge just written, on the same Ray session
+            evaluate_merged(result.out_url, args.eval, options)
+    if result.already_complete:
+        print(f"{result.out_url}: already complete (same recipe and inputs); nothing to do")
+    else:
+        print(
+            f"{result.out_url}: merged {len(result.shards)} shards "
+            f"({len(result.computed)} computed, {len(result.resumed)} resumed)"
+        )
+    return EXIT_OK
+
+
+def add_command(sub: Any) -> None:
+    merge = sub.add_parser("merge", help="merge checkpoints as a recipe says")
+    merge.add_argument("config", help="recipe YAML (mergekit schema)")
+    merge.add_argument("out_url", help="output folder: local path or fsspec URL")
+    add_ray_options(merge, "most shards merged at once (default: as many as Ray schedules)")
+    merge.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE,
+                       help="output shard size (default 2GB)")
+    merge.add_argument("--memory-budget", type=parse_size, default=DEFAULT_MEMORY_BUDGET,
+                       help="tensor memory per worker; bigger tensors are processed in chunks (default 512MiB)")
+    merge.add_argument("--io-concurrency", type=positive_int,
+                       help="ranged reads in flight per worker (default: 16 for object stores, 4 for local files)")
+    merge.add_argument("--overwrite", action="store_true", help="replace whatever is at OUT_URL")
+    merge.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                       help="where shards are merged: auto = GPUs when the cluster has them now; "
+                            "gpu = one GPU per shard even on a cluster still scaling up")
+    merge.add_argument("--eval", metavar="SUITE.yml", help="evaluate the merge on this eval suite (ID + OOD table)")
+    merge.set_defaults(handler=run)

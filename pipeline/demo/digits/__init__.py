@@ -1,0 +1,1 @@
+"""The image demo on scikit-learn's digits: data, training, and the run on Ray."""
