@@ -9,8 +9,9 @@ Two layers of row ranges over the tensor's (rows, cols) view (docs/ARCHITECTURE.
   cache, large enough that per-operation overheads vanish.
 - **chunks**: the row ranges read from storage at once, whole numbers of blocks. A tensor whose
   inputs fit the budget is one chunk, read once (*resident*). A bigger one is read in chunks; a
-  two-pass method (reduce, then blend) keeps the leading chunks that fit in memory between its
-  passes and reads only the others again (the report records those re-read bytes).
+  method with several passes (reductions, then the blend) keeps the leading chunks that fit in
+  memory across its passes and reads only the others again on each pass (the report records
+  those re-read bytes).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class ChunkPlan:
     block_rows: int
     chunks: tuple[RowRange, ...]
     kept: int  # chunks[:kept] stay in memory from the first pass to the blend
-    two_pass: bool
+    passes: int  # reductions + the blend (1 for a copy or a blend-only method)
     bytes_per_row: int
 
     @property
@@ -48,17 +49,17 @@ class ChunkPlan:
 
     @property
     def reread(self) -> tuple[RowRange, ...]:
-        """Chunks the blend pass reads again."""
-        return self.chunks[self.kept :] if self.two_pass else ()
+        """Chunks every pass after the first reads again."""
+        return self.chunks[self.kept :] if self.passes > 1 else ()
 
     @property
     def reads(self) -> list[RowRange]:
         """Every chunk read, in the order the engine asks for them."""
-        return [*self.chunks, *self.reread]
+        return [*self.chunks, *(self.reread * (self.passes - 1))]
 
     @property
     def reread_bytes(self) -> int:
-        return sum(stop - start for start, stop in self.reread) * self.bytes_per_row
+        return (self.passes - 1) * sum(stop - start for start, stop in self.reread) * self.bytes_per_row
 
     def blocks(self, start: int, stop: int) -> Iterator[RowRange]:
         """The fixed blocks inside rows ``[start, stop)`` of a chunk."""
@@ -66,20 +67,15 @@ class ChunkPlan:
             yield first, min(first + self.block_rows, stop)
 
 
-def plan_chunks(job: TensorJob, memory_budget: int, *, two_pass: bool, whole_tensor: bool = False) -> ChunkPlan:
-    """The chunk plan of ``job`` when its inputs may hold ``memory_budget`` bytes at once.
-
-    ``whole_tensor`` methods get every row in one chunk and one block, whatever the budget.
-    """
+def plan_chunks(job: TensorJob, memory_budget: int, *, passes: int) -> ChunkPlan:
+    """The chunk plan of ``job`` when its inputs may hold ``memory_budget`` bytes at once."""
     rows, per_row = job.rows, job.input_bytes_per_row
-    if whole_tensor:
-        return ChunkPlan(rows, max(rows, 1), ((0, rows),), 1, two_pass, per_row)
     step = block_rows(job.cols)
     if rows * per_row <= memory_budget or rows <= step:
-        return ChunkPlan(rows, step, ((0, rows),), 1, two_pass, per_row)
+        return ChunkPlan(rows, step, ((0, rows),), 1, passes, per_row)
     chunk_bytes = max(MIN_CHUNK_BYTES, memory_budget // CHUNKS_PER_BUDGET)
     chunk_rows = max(step, chunk_bytes // per_row // step * step)
     chunks = tuple((start, min(start + chunk_rows, rows)) for start in range(0, rows, chunk_rows))
     # Keep what fits beside the chunk being streamed.
     kept = max(0, min(len(chunks), memory_budget // (chunk_rows * per_row) - 1))
-    return ChunkPlan(rows, step, chunks, kept, two_pass, per_row)
+    return ChunkPlan(rows, step, chunks, kept, passes, per_row)

@@ -1,10 +1,11 @@
 """Merging one tensor within a memory budget: the compute every worker runs.
 
 A merge of one tensor is a few small steps around its chunk plan (``modelstock.chunks``):
-``copy_tensor`` for tensors taken as they are; otherwise ``reduce_tensor`` (the first pass of a
-two-pass method: partial sums per fixed block, in block order), ``finalize_tensor`` (coefficients
-and report values) and ``blend_tensor`` (merged rows, block by block, lazily, so the caller can
-stream them). Reading is the caller's: a :data:`ChunkReader` returns the rows of every input.
+``copy_tensor`` for tensors taken as they are; otherwise, for each of the method's reductions,
+``reduce_tensor`` (partial sums per fixed block, in block order) and ``finalize_tensor``
+(coefficients and report values), then ``blend_tensor`` (merged rows, block by block, lazily, so
+the caller can stream them). Reading is the caller's: a :data:`ChunkReader` returns the rows of
+every input; :class:`TensorChunks` keeps what the plan keeps between passes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from modelstock.methods.base import (
     Finalized,
     MergeMethod,
     ModelsBlock,
+    Reduction,
     TensorStats,
     compute_dtype_for,
 )
@@ -81,10 +83,9 @@ INLINE = BlockRunner(1)
 
 def chunk_plan_for(job: TensorJob, memory_budget: int) -> ChunkPlan:
     """The chunk plan the engine follows for ``job``: the reader must serve ``plan.reads`` in order."""
-    if job.method is None:
-        return plan_chunks(job, memory_budget, two_pass=False)
-    method = get_method(job.method)
-    return plan_chunks(job, memory_budget, two_pass=method.reduction is not None, whole_tensor=method.whole_tensor)
+    if job.method is None or job.params is None:
+        return plan_chunks(job, memory_budget, passes=1)
+    return plan_chunks(job, memory_budget, passes=1 + len(get_method(job.method).passes(job.params)))
 
 
 def make_block(job: TensorJob, chunk: LoadedChunk, start: int, stop: int) -> ModelsBlock:
@@ -138,91 +139,105 @@ def copy_tensor(job: TensorJob, plan: ChunkPlan, read: ChunkReader) -> Iterator[
         yield copied
 
 
+class TensorChunks:
+    """A tensor's chunks over its passes: the plan's leading ``kept`` chunks are read once and stay
+    in memory until the last pass uses them; the others are read again on every pass."""
+
+    def __init__(self, plan: ChunkPlan, read: ChunkReader, device: torch.device | None) -> None:
+        self.plan, self.read, self.device = plan, read, device
+        self._kept: dict[int, LoadedChunk] = {}
+
+    def each(self, last_pass: bool) -> Iterator[LoadedChunk]:
+        """Every chunk in order; each is released (or kept) once the caller moves to the next."""
+        for index, (start, stop) in enumerate(self.plan.chunks):
+            chunk = self._kept.pop(index, None) or _on_device(self.read(start, stop), self.device)
+            yield chunk
+            if index < self.plan.kept and not last_pass:
+                self._kept[index] = chunk
+            else:
+                chunk.release()
+
+    def release(self) -> None:
+        for chunk in self._kept.values():
+            chunk.release()
+        self._kept.clear()
+
+
+def per_block(coefficients: Coefficients, per_row: set[str], rows: RowRange) -> Coefficients:
+    """The coefficients for rows ``[start, stop)``: per-row ones sliced, the others as they are."""
+    return {k: (v[rows[0] : rows[1]] if k in per_row else v) for k, v in coefficients.items()}
+
+
 def reduce_tensor(
     job: TensorJob,
-    method: MergeMethod[Any, Any],
-    plan: ChunkPlan,
-    read: ChunkReader,
+    reduction: Reduction,
+    chunks: TensorChunks,
+    coefficients: Coefficients,
+    per_row: set[str],
     compute: torch.dtype,
-    device: torch.device | None = None,
     runner: BlockRunner = INLINE,
-) -> tuple[torch.Tensor, list[LoadedChunk]]:
-    """The first pass: partial sums of every fixed block, combined in block order.
-
-    Returns the reductions (on the CPU) and the leading chunks the plan keeps for the blend.
-    """
-    assert method.reduction is not None and job.params is not None
-    reduction, params = method.reduction, job.params
-    per_row = reduction.scope(params, job.shape) == "rows"
+) -> torch.Tensor:
+    """One reduction pass: partial sums of every fixed block, combined in block order (on the CPU)."""
+    assert job.params is not None
+    params = job.params
+    rows_scope = reduction.scope(params, job.shape) == "rows"
     total: torch.Tensor | None = None
     partials: list[torch.Tensor] = []
-    kept: list[LoadedChunk] = []
-    for index, (start, stop) in enumerate(plan.chunks):
-        chunk = _on_device(read(start, stop), device)
+    for chunk in chunks.each(last_pass=False):
 
         def reduce_block(rows: RowRange, chunk: LoadedChunk = chunk) -> torch.Tensor:
-            partial = reduction.reduce(make_block(job, chunk, *rows), params, compute)
-            return partial if per_row else partial.sum(dim=0, keepdim=True)
+            block = make_block(job, chunk, *rows)
+            partial = reduction.reduce(block, per_block(coefficients, per_row, rows), params, compute)
+            return partial if rows_scope else partial.sum(dim=0, keepdim=True)
 
-        for partial in runner.map(reduce_block, plan.blocks(start, stop)):
-            if per_row:
+        for partial in runner.map(reduce_block, chunks.plan.blocks(chunk.row_start, chunk.row_stop)):
+            if rows_scope:
                 partials.append(partial)
             else:
                 total = partial if total is None else total + partial  # a left fold in block order
-        if index < plan.kept:
-            kept.append(chunk)
-        else:
-            chunk.release()
-    reductions = torch.cat(partials) if per_row else total
+    reductions = torch.cat(partials) if rows_scope else total
     assert reductions is not None
-    return reductions.cpu(), kept
+    return reductions.cpu()
 
 
 def finalize_tensor(
-    job: TensorJob, method: MergeMethod[Any, Any], plan: ChunkPlan, read: ChunkReader, reductions: torch.Tensor
+    job: TensorJob, reduction: Reduction, chunks: TensorChunks, reductions: torch.Tensor, coefficients: Coefficients
 ) -> Finalized:
-    assert method.reduction is not None and job.params is not None
-    if not bool(torch.isfinite(reductions).all()):
-        _find_non_finite_input(job, plan, read)
+    assert job.params is not None
+    if reductions.is_floating_point() and not bool(torch.isfinite(reductions).all()):
+        chunks.release()
+        _find_non_finite_input(job, chunks.plan, chunks.read)
         raise InvalidCheckpoint(f"{job.inputs[0].label}: tensor {job.name!r}: task vector norms overflow float64")
-    return method.reduction.finalize(reductions, job.params, len(job.inputs) - int(job.has_base))
+    return reduction.finalize(reductions, coefficients, job.params, len(job.inputs) - int(job.has_base))
 
 
 def blend_tensor(
     job: TensorJob,
     method: MergeMethod[Any, Any],
-    plan: ChunkPlan,
-    read: ChunkReader,
+    chunks: TensorChunks,
     coefficients: Coefficients,
-    kept: list[LoadedChunk],
+    per_row: set[str],
     compute: torch.dtype,
     check_finite: bool,
-    device: torch.device | None = None,
     runner: BlockRunner = INLINE,
 ) -> Iterator[torch.Tensor]:
     """The merged rows, block by block in order, in the output dtype (on the CPU)."""
     assert job.params is not None
     params, out = job.params, to_torch(job.out_dtype)
-    per_row = {k for k, v in coefficients.items() if v.shape[0] > 1}
-    resident = {(c.row_start, c.row_stop): c for c in kept}
-    for start, stop in plan.chunks:
-        held = resident.pop((start, stop), None)
-        chunk = held if held is not None else _on_device(read(start, stop), device)
+    for chunk in chunks.each(last_pass=True):
 
         def blend_block(rows: RowRange, chunk: LoadedChunk = chunk) -> torch.Tensor | None:
-            local = {k: (v[rows[0] : rows[1]] if k in per_row else v) for k, v in coefficients.items()}
-            merged = method.blend(make_block(job, chunk, *rows), local, params, compute).to(out)
+            block = make_block(job, chunk, *rows)
+            merged = method.blend(block, per_block(coefficients, per_row, rows), params, compute).to(out)
             if check_finite and not bool(torch.isfinite(merged).all()):
                 return None  # reported below, in block order
             return merged.cpu()
 
-        for merged in runner.map(blend_block, plan.blocks(start, stop)):
+        for merged in runner.map(blend_block, chunks.plan.blocks(chunk.row_start, chunk.row_stop)):
             if merged is None:
-                chunk.release()
-                _raise_non_finite(job, plan, read, "the merged tensor")
-                return
+                chunks.release()
+                _raise_non_finite(job, chunks.plan, chunks.read, "the merged tensor")
             yield merged
-        chunk.release()
 
 
 def merge_tensor(
@@ -234,36 +249,31 @@ def merge_tensor(
 ) -> tuple[TensorStats, Iterator[torch.Tensor]]:
     """Statistics of one output tensor, and its merged rows as blocks in the output dtype.
 
-    ``read(start, stop)`` must be called by nobody else while this runs; it is called with the
-    plan's ``reads`` in order. Stats are complete on return; the blocks are produced lazily.
+    ``read(start, stop)`` is called with the plan's ``reads`` in order (and, on error paths only,
+    out of order). Stats are complete on return; the blocks are produced lazily.
     """
     stats = TensorStats(job.name, job.method or "copy", job.shape, job.out_dtype, flags=list(job.flags))
     if plan.reread_bytes:
         stats.values["reread_bytes"] = plan.reread_bytes
         stats.flags.append("reread")
-    if job.method is None:
+    if job.method is None or job.params is None:
         return stats, copy_tensor(job, plan, read)
     method = get_method(job.method)
     compute = compute_dtype_for(to_torch(job.out_dtype))
+    chunks = TensorChunks(plan, read, device)
     coefficients: Coefficients = {}
-    kept: list[LoadedChunk] = []
+    per_row: set[str] = set()
     check_finite = True
-    if method.reduction is not None:
-        reductions, kept = reduce_tensor(job, method, plan, read, compute, device, runner)
-        if compute == torch.float32 and not bool(torch.isfinite(reductions).all()):
-            # float32 block sums overflow for weights beyond ~1e19: redo this tensor in float64.
-            for chunk in kept:
-                chunk.release()
-            compute = torch.float64
-            plan = ChunkPlan(plan.rows, plan.block_rows, plan.chunks, 0, plan.two_pass, plan.bytes_per_row)
-            reductions, kept = reduce_tensor(job, method, plan, read, compute, device, runner)
-        finalized = finalize_tensor(job, method, plan, read, reductions)
-        coefficients = {k: v.to(device) if device is not None else v for k, v in finalized.coefficients.items()}
+    for reduction in method.passes(job.params):
+        reductions = reduce_tensor(job, reduction, chunks, coefficients, per_row, compute, runner)
+        finalized = finalize_tensor(job, reduction, chunks, reductions, coefficients)
+        coefficients.update({k: v.to(device) if device is not None else v for k, v in finalized.coefficients.items()})
+        per_row |= finalized.per_row
         stats.values.update(finalized.values)
         stats.flags.extend(finalized.flags)
         # Finite reductions over every input, blended convexly, cannot give NaN/Inf: skip a pass.
         check_finite = not finalized.convex
-    return stats, blend_tensor(job, method, plan, read, coefficients, kept, compute, check_finite, device, runner)
+    return stats, blend_tensor(job, method, chunks, coefficients, per_row, compute, check_finite, runner)
 
 
 def merge_in_memory(

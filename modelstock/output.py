@@ -1,4 +1,5 @@
-"""The output folder's contract (DESIGN section 4): file names, the commit, resume records.
+"""The output folder's contract (docs/ARCHITECTURE.md, "The output contract"): file names, the
+commit, resume records.
 
 A merge is finished exactly when ``modelstock-manifest.json`` exists: it is written last and
 records the recipe hash, the inputs' fingerprints and every shard's sha256. Work in progress lives
@@ -286,7 +287,7 @@ class OutputLock:
                 self._thread.start()
                 return
             holder = self._current()
-            if not self._is_stale(holder):
+            if holder is not None and not self._is_stale(holder):
                 raise OutputConflict(
                     f"{self.location.url}: another merge (pid {holder.get('pid')} on {holder.get('host')}) "
                     "is writing to this output; wait for it or choose another output"

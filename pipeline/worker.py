@@ -122,7 +122,7 @@ def produce_shard(task: ShardTask, node_id: str = "", threads: int = 1) -> Shard
     )
 
 
-@ray.remote(max_retries=TASK_MAX_RETRIES, retry_exceptions=[StorageError], scheduling_strategy="SPREAD")
+@ray.remote(max_retries=TASK_MAX_RETRIES, retry_exceptions=[StorageError], scheduling_strategy="SPREAD")  # type: ignore[call-overload]
 def merge_shard_task(task: ShardTask) -> ShardOutcome:
     context = ray.get_runtime_context()
     cpus = context.get_assigned_resources().get("CPU", 1.0)

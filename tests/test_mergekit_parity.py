@@ -92,6 +92,15 @@ parameters:
   lambda: 1.5
 dtype: float32
 """,
+        "nearswap": f"""
+merge_method: nearswap
+base_model: {base}
+models:
+  - model: {ft1}
+parameters:
+  t: 0.0005
+dtype: float32
+""",
     }
 
 
@@ -141,7 +150,7 @@ def mergekit_outputs(tiny_family, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
-    ["model_stock", "linear", "task_arithmetic", "ties", "ties_rescaled"],
+    ["model_stock", "linear", "task_arithmetic", "ties", "ties_rescaled", "nearswap"],
 )
 def test_same_tensors_as_mergekit(name, tiny_family, mergekit_outputs, ray_local, tmp_path):
     config = tmp_path / "recipe.yml"

@@ -1,6 +1,6 @@
 """Model Stock and linear merges against an independent float64 re-computation.
 
-The references below are written from the papers' formulas (DESIGN section 2) with plain float64
+The references below are written from the papers' formulas (README, "Methods") with plain float64
 tensor arithmetic; nothing here calls the code under test to get an expected value. Outputs must
 be within one rounding step (ulp) of the output dtype of the float64 reference.
 """

@@ -148,19 +148,42 @@ def test_ties_breaks_magnitude_ties_by_position():
 
 
 def test_ties_top_k_is_over_the_whole_tensor_even_when_chunked(monkeypatch):
+    """Exact top-k within the memory budget: a tensor 4x the budget, read in chunks, gives the
+    bytes of the whole-tensor path (and a per-chunk top-k would not)."""
     base, fts = family(4, {"big": (64, 8)})
     params = dict(model_parameters=[{"weight": 1.0, "density": 0.2}] * 3)
     whole, _ = merge_state_dicts("ties", fts, base=base, **params)
-    # Tiny blocks and budget: a row-blockwise top-k would select per block and differ.
+    # Tiny blocks (2 rows) and a budget of a quarter of the tensor's inputs.
     monkeypatch.setattr(chunks, "BLOCK_ELEMENTS", 16)
     monkeypatch.setattr(chunks, "MIN_CHUNK_BYTES", 64)
     job = small_job("ties", TiesParameters(), TaskVectorWeight(weight=1.0, density=0.2))
-    assert chunk_plan_for(job, 1).chunks == ((0, 64),)
-    merged, _ = merge_in_memory(job, [base["big"], *(ft["big"] for ft in fts)], memory_budget=1)
-    chunked = {"big": merged}
-    assert torch.equal(whole["big"], chunked["big"])
+    budget = job.input_nbytes // 4
+    plan = chunk_plan_for(job, budget)
+    assert len(plan.chunks) > 4 and plan.passes == 4 and plan.reread_bytes > 0
+    chunked, stats = merge_in_memory(job, [base["big"], *(ft["big"] for ft in fts)], memory_budget=budget)
+    assert chunked.view(torch.int32).equal(whole["big"].view(torch.int32))
+    assert "reread" in stats.flags
     trimmed = [reference_trim(d, 0.2, False) for d in deltas64(base, fts, "big")]
-    assert_float32_of(chunked["big"], reference_consensus(base["big"].double(), trimmed, [1.0] * 3, True, 1.0), 1.0)
+    assert_float32_of(chunked, reference_consensus(base["big"].double(), trimmed, [1.0] * 3, True, 1.0), 1.0)
+
+
+def test_ties_selection_with_many_equal_magnitudes_across_chunks(monkeypatch):
+    """bf16-like task vectors have few distinct magnitudes: the k-th largest has many equals, and
+    which of them are kept (by position) must not depend on chunk or block boundaries."""
+    generator = torch.Generator().manual_seed(5)
+    base = {"w": torch.zeros(40, 6)}
+    fts = [{"w": torch.randint(-3, 4, (40, 6), generator=generator).float() * 0.25} for _ in range(2)]
+    params = dict(model_parameters=[{"weight": 1.0, "density": 0.3}, {"weight": 1.0, "density": 0.55}])
+    whole, _ = merge_state_dicts("ties", fts, base=base, **params)
+    trimmed = [reference_trim(d, p, False) for d, p in zip(deltas64(base, fts, "w"), (0.3, 0.55))]
+    assert_float32_of(whole["w"], reference_consensus(base["w"].double(), trimmed, [1.0, 1.0], True, 1.0), 1.0)
+    monkeypatch.setattr(chunks, "BLOCK_ELEMENTS", 12)
+    monkeypatch.setattr(chunks, "MIN_CHUNK_BYTES", 1)
+    job = TensorJob("w", (40, 6), "F32", "ties", TensorParameters(TiesParameters(), (
+        TaskVectorWeight(weight=1.0, density=0.3), TaskVectorWeight(weight=1.0, density=0.55))),
+        tuple(TensorInput(i, "w", "F32", f"input-{i}") for i in range(3)), has_base=True)
+    chunked, _ = merge_in_memory(job, [base["w"], fts[0]["w"], fts[1]["w"]], memory_budget=job.input_nbytes // 5)
+    assert chunked.equal(whole["w"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,3 +346,26 @@ def test_recipe_parameter_rules():
                                 parameters={"lambda": [{"filter": "*", "value": 0.0}]},
                                 model_parameters=[{"weight": 1.0}] * 2)
     assert all(torch.equal(star[name], base[name]) for name in SHAPES)
+
+
+# ----------------------------------------------------------------------------------------------
+# NearSwap: one decorated function (modelstock/methods/nearswap.py)
+
+
+def test_nearswap_matches_reference():
+    base, fts = family(8, SHAPES, models=1, spread=0.01)
+    merged, stats = merge_state_dicts("nearswap", fts, base=base, parameters={"t": 0.004})
+    for name in SHAPES:
+        a, b = base[name].double(), fts[0][name].double()
+        share = (0.004 / (a - b).abs().clamp_min(1e-6)).clamp(0, 1)
+        assert_float32_of(merged[name], share * b + (1 - share) * a, 1.0, coefficient_ulps=1)
+        assert 0 < float(share.mean()) < 1, "t must make some entries swap and others not"
+    assert {s.method for s in stats} == {"nearswap"}
+
+
+def test_nearswap_takes_exactly_one_model_and_needs_t():
+    base, fts = family(9, SHAPES, models=2)
+    with pytest.raises(InvalidRecipe, match="at most 1"):
+        merge_state_dicts("nearswap", fts, base=base, parameters={"t": 0.1})
+    with pytest.raises(InvalidRecipe, match="'t'"):
+        merge_state_dicts("nearswap", fts[:1], base=base)

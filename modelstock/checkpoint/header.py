@@ -10,6 +10,7 @@ JSON parsers would otherwise resolve silently.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 import struct
 from dataclasses import dataclass, field
 
@@ -75,7 +76,7 @@ def declared_header_length(url: str, prefix: bytes, file_size: int) -> int:
     return length
 
 
-def _reject_duplicates(url: str):
+def _reject_duplicates(url: str) -> Callable[[list[tuple[str, object]]], dict[str, object]]:
     def hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
         seen: dict[str, object] = {}
         for key, value in pairs:

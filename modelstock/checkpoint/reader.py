@@ -84,7 +84,7 @@ def read_header(location: Location) -> tuple[SafetensorsHeader, FileFingerprint]
     if info.get("type") == "directory":
         raise InvalidCheckpoint(f"{location.url}: is a directory, expected a .safetensors file")
     size = int(info.get("size") or 0)
-    prefix = storage.read_range(location, 0, min(size, SPECULATIVE_HEADER_READ)) if size else b""
+    prefix = bytes(storage.read_range(location, 0, min(size, SPECULATIVE_HEADER_READ))) if size else b""
     length = declared_header_length(location.url, prefix, size)
     end = LENGTH_PREFIX_BYTES + length
     if end > len(prefix):
@@ -128,13 +128,13 @@ def _read_index(location: Location) -> tuple[dict[str, str], dict[str, Any]]:
     if not isinstance(parsed, dict) or not isinstance(parsed.get("weight_map"), dict):
         raise InvalidCheckpoint(f"{location.url}: has no 'weight_map' object")
     weight_map = {
-        tensor: _safe_shard_name(location.url, tensor, file_name)
+        str(tensor): _safe_shard_name(location.url, tensor, file_name)
         for tensor, file_name in parsed["weight_map"].items()
     }
     if not weight_map:
         raise InvalidCheckpoint(f"{location.url}: 'weight_map' is empty")
-    metadata = parsed.get("metadata") if isinstance(parsed.get("metadata"), dict) else {}
-    return weight_map, metadata
+    metadata = parsed.get("metadata")
+    return weight_map, metadata if isinstance(metadata, dict) else {}
 
 
 def _refuse_folder(folder: Location, names: Sequence[str]) -> InvalidCheckpoint:
@@ -159,8 +159,8 @@ def open_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None) 
     root = storage.resolve(url, storage_options)
     if root.path.endswith(".safetensors"):
         header, fingerprint = read_header(root)
-        tensors = {name: TensorLocation(root, entry) for name, entry in header.tensors.items()}
-        return Checkpoint(url=root.url, tensors=tensors, files=(fingerprint,), index_metadata={})
+        single = {name: TensorLocation(root, entry) for name, entry in header.tensors.items()}
+        return Checkpoint(url=root.url, tensors=single, files=(fingerprint,), index_metadata={})
 
     names = storage.list_names(root)
     if INDEX_FILE in names:

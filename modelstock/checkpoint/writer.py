@@ -66,7 +66,7 @@ def encode_header(specs: Sequence[TensorSpec], metadata: dict[str, str] | None =
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor, without copying a contiguous CPU tensor."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")  # type: ignore[arg-type]
 
 
 class ShardWriter:
@@ -95,6 +95,7 @@ class ShardWriter:
             if self._sink_error is not None:
                 continue
             try:
+                assert self._handle is not None
                 self._handle.write(data)
                 self._hash.update(data)
             except BaseException as exc:  # noqa: BLE001 - handed to the producing thread

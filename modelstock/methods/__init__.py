@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modelstock.methods import dare, linear, model_stock, slerp, task_arithmetic, ties  # noqa: F401  (registration)
+from modelstock.methods import dare, linear, model_stock, nearswap, slerp, task_arithmetic, ties  # noqa: F401  (registration)
 from modelstock.methods.base import (
     BaseBlock,
     Finalized,

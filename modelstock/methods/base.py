@@ -2,11 +2,13 @@
 
 A method is split the way memory-bounded execution needs it (docs/ARCHITECTURE.md, "Numerics"):
 
-- ``reduce`` (optional) turns one row block of the inputs into partial sums, one row per input
-  row. Partials of a tensor are either summed (one statistic for the whole tensor) or kept per
-  row (``filter_wise``-style methods), over fixed blocks in a fixed order, so a tensor processed
-  in memory-bounded chunks gives exactly the bytes of the unchunked path.
-- ``finalize`` turns the reductions into blend coefficients and the values the report records.
+- ``reductions`` (optional, one or more passes): ``reduce`` turns one row block of the inputs into
+  partial sums, one row per input row; partials of a tensor are either summed (one statistic
+  for the whole tensor) or kept per row (``filter_wise``-style methods), over fixed blocks in a
+  fixed order, so a tensor processed in memory-bounded chunks gives exactly the bytes of the
+  unchunked path. ``finalize`` turns the sums into coefficients and the values the report
+  records; a later pass sees the coefficients of the earlier ones (e.g. an exact top-k
+  threshold found digit by digit).
 - ``blend`` produces the merged rows from the input rows and the coefficients.
 
 Methods that need the base model get a :class:`BaseBlock` (its ``base`` is a tensor, never
@@ -118,12 +120,15 @@ class Finalized:
     # True when the reductions covered every input value and the blend is a convex combination
     # of the inputs: the output is then finite by construction and the engine skips checking it.
     convex: bool = False
+    # Coefficients with one row per tensor row: the engine hands each block its rows of them.
+    per_row: frozenset[str] = frozenset()
 
 
-ReduceFn = Callable[[Any, TensorParameters[Any, Any], torch.dtype], torch.Tensor]
-FinalizeFn = Callable[[torch.Tensor, TensorParameters[Any, Any], int], Finalized]
+ReduceFn = Callable[[Any, Coefficients, TensorParameters[Any, Any], torch.dtype], torch.Tensor]
+FinalizeFn = Callable[[torch.Tensor, Coefficients, TensorParameters[Any, Any], int], Finalized]
 BlendFn = Callable[[Any, Coefficients, TensorParameters[Any, Any], torch.dtype], torch.Tensor]
 ScopeFn = Callable[[TensorParameters[Any, Any], tuple[int, ...]], ReductionScope]
+AppliesFn = Callable[[TensorParameters[Any, Any]], bool]
 # Raises InvalidRecipe when the parameters resolved for a tensor (named) cannot be merged.
 ValidateFn = Callable[[TensorParameters[Any, Any], str], None]
 
@@ -132,13 +137,23 @@ def whole_tensor_scope(params: TensorParameters[Any, Any], shape: tuple[int, ...
     return "tensor"
 
 
+def always(params: TensorParameters[Any, Any]) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Reduction:
-    """The first pass of a two-pass method: partial sums per block, then coefficients."""
+    """One pass over a tensor before the blend: partial sums per block, then coefficients.
+
+    ``reduce(block, coefficients, params, compute)`` sees the coefficients of the earlier passes
+    (per-row ones sliced to the block); ``finalize(reductions, coefficients, params, n_models)``
+    adds its own. ``applies`` skips the pass for parameters that do not need it.
+    """
 
     reduce: ReduceFn
     finalize: FinalizeFn
     scope: ScopeFn = whole_tensor_scope
+    applies: AppliesFn = always
 
 
 @dataclass(frozen=True)
@@ -148,6 +163,10 @@ class MergeMethod(Generic[P, M]):
     ``blend`` receives a :class:`BaseBlock` when ``needs_base``, else a :class:`ModelsBlock`.
     """
 
+    def passes(self, params: TensorParameters[Any, Any]) -> tuple[Reduction, ...]:
+        """The reductions that run before the blend for these parameters, in order."""
+        return tuple(r for r in self.reductions if r.applies(params))
+
     name: str
     summary: str
     blend: BlendFn
@@ -156,9 +175,7 @@ class MergeMethod(Generic[P, M]):
     needs_base: bool
     min_models: int = 1
     max_models: int | None = None
-    reduction: Reduction | None = None
-    # Needs every row of the tensor at once (e.g. an exact top-k over the whole tensor).
-    whole_tensor: bool = False
+    reductions: tuple[Reduction, ...] = ()
     validate: ValidateFn | None = None
     # mergekit configs list the base among the models; most methods skip it as mergekit does.
     refuse_base_in_models: bool = False

@@ -91,7 +91,7 @@ def _dropped(block: BaseBlock, params: Parameters, index: int, delta: torch.Tens
     return torch.where(mask.reshape(delta.shape), delta, 0.0)
 
 
-def l1_norms(block: BaseBlock, params: Parameters, compute: torch.dtype) -> torch.Tensor:
+def l1_norms(block: BaseBlock, coefficients: Coefficients, params: Parameters, compute: torch.dtype) -> torch.Tensor:
     """Per row, per model: ``|d_i|_1``, ``|dropped d_i|_1`` and the kept count, in float64."""
     base = block.base.to(torch.float64)
     columns = []
@@ -102,7 +102,7 @@ def l1_norms(block: BaseBlock, params: Parameters, compute: torch.dtype) -> torc
     return torch.stack(columns, dim=1)
 
 
-def finalize(reductions: torch.Tensor, params: Parameters, count: int) -> Finalized:
+def finalize(reductions: torch.Tensor, coefficients: Coefficients, params: Parameters, count: int) -> Finalized:
     sums = reductions.reshape(count, 3)
     scales = []
     for index in range(count):
@@ -162,7 +162,7 @@ DARE_TIES = register(
         model_parameters=TaskVectorWeight,
         needs_base=True,
         min_models=1,
-        reduction=Reduction(l1_norms, finalize),
+        reductions=(Reduction(l1_norms, finalize),),
         blend=blend_ties,
     )
 )
@@ -175,7 +175,7 @@ DARE_LINEAR = register(
         model_parameters=TaskVectorWeight,
         needs_base=True,
         min_models=1,
-        reduction=Reduction(l1_norms, finalize),
+        reductions=(Reduction(l1_norms, finalize),),
         blend=blend_linear,
     )
 )

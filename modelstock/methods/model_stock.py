@@ -53,7 +53,7 @@ def reduction_scope(params: Parameters, shape: tuple[int, ...]) -> ReductionScop
     return "rows" if params.method.filter_wise and len(shape) >= 2 else "tensor"
 
 
-def task_vector_gram(block: BaseBlock, params: Parameters, compute: torch.dtype) -> torch.Tensor:
+def task_vector_gram(block: BaseBlock, coefficients: Coefficients, params: Parameters, compute: torch.dtype) -> torch.Tensor:
     """Inner products <d_i, d_j> of one block in float64: (rows, N*N) per row, or (1, N*N)."""
     base = block.base.to(torch.float64)
     count = len(block.models)
@@ -78,7 +78,7 @@ def model_stock_ratio(cos_theta: torch.Tensor, count: int) -> torch.Tensor:
     return count * cos_theta / (1 + (count - 1) * cos_theta)
 
 
-def finalize(reductions: torch.Tensor, params: Parameters, count: int) -> Finalized:
+def finalize(reductions: torch.Tensor, coefficients: Coefficients, params: Parameters, count: int) -> Finalized:
     gram = reductions.reshape(-1, count, count)
     squared_norms = torch.diagonal(gram, dim1=1, dim2=2).clamp_min(0)  # (G, N)
     norms = squared_norms.sqrt()
@@ -137,7 +137,8 @@ def finalize(reductions: torch.Tensor, params: Parameters, count: int) -> Finali
             t_max=float(t.max()),
         )
     convex = bool(((t >= 0) & (t <= 1)).all())
-    return Finalized(coefficients={"t": t.unsqueeze(1)}, values=values, flags=flags, convex=convex)
+    per_row = frozenset({"t"}) if gram.shape[0] > 1 else frozenset()
+    return Finalized(coefficients={"t": t.unsqueeze(1)}, values=values, flags=flags, convex=convex, per_row=per_row)
 
 
 def blend(block: BaseBlock, coefficients: Coefficients, params: Parameters, compute: torch.dtype) -> torch.Tensor:
@@ -166,7 +167,7 @@ METHOD = register(
         model_parameters=NoParameters,
         needs_base=True,
         min_models=2,
-        reduction=Reduction(task_vector_gram, finalize, reduction_scope),
+        reductions=(Reduction(task_vector_gram, finalize, reduction_scope),),
         refuse_base_in_models=True,  # N and the angle would silently include a zero task vector
     )
 )

@@ -30,7 +30,7 @@ class SlerpParameters:
 Parameters = TensorParameters[SlerpParameters, NoParameters]
 
 
-def inner_products(block: BaseBlock, params: Parameters, compute: torch.dtype) -> torch.Tensor:
+def inner_products(block: BaseBlock, coefficients: Coefficients, params: Parameters, compute: torch.dtype) -> torch.Tensor:
     """Per row, in float64: ``|w_0|^2``, ``|w_1|^2``, ``<w_0, w_1>``."""
     a = block.base.to(torch.float64)
     b = block.models[0].to(torch.float64)
@@ -49,7 +49,7 @@ def slerp_coefficients(norm_a: float, norm_b: float, dot: float, t: float) -> tu
     return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta, cos, False
 
 
-def finalize(reductions: torch.Tensor, params: Parameters, count: int) -> Finalized:
+def finalize(reductions: torch.Tensor, coefficients: Coefficients, params: Parameters, count: int) -> Finalized:
     squared_a, squared_b, dot = (float(v) for v in reductions.reshape(3))
     t = params.method.t
     coef_a, coef_b, cos, linear = slerp_coefficients(math.sqrt(max(squared_a, 0.0)), math.sqrt(max(squared_b, 0.0)), dot, t)
@@ -79,7 +79,7 @@ METHOD = register(
         needs_base=True,
         min_models=1,
         max_models=1,
-        reduction=Reduction(inner_products, finalize),
+        reductions=(Reduction(inner_products, finalize),),
         blend=blend,
     )
 )

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     parser = OneLineErrors(prog="modelstock", description="Merge fine-tuned checkpoints on Ray.", parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser = functools.partial(sub.add_parser, parents=[common])  # type: ignore[method-assign]
+    sub.add_parser = functools.partial(sub.add_parser, parents=[common])  # type: ignore[method-assign,list-item]
     for command in (merge, inspect, evaluate, soup, demo):
         command.add_command(sub)
     return parser
