@@ -51,14 +51,21 @@ class RangeRead:
 
 @dataclass(frozen=True)
 class ChunkRead:
-    """Rows ``key[1]:key[2]`` of one tensor in every input (``locations``, in the job's order)."""
+    """What the engine's chunk ``key`` (rows ``key[1]:key[2]`` of one output tensor) reads: rows
+    ``rows[i]`` of input tensor ``locations[i]``, in the job's input order. The rows are the
+    chunk's own unless an input maps them (e.g. the scales of a block-quantized weight)."""
 
     key: ChunkKey
     locations: tuple[TensorLocation, ...]
+    rows: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def same_rows(cls, key: ChunkKey, locations: tuple[TensorLocation, ...]) -> ChunkRead:
+        return cls(key, locations, ((key[1], key[2]),) * len(locations))
 
     @functools.cached_property
     def ranges(self) -> tuple[RangeRead, ...]:
-        return tuple(rows_of(location, self.key[1], self.key[2]) for location in self.locations)
+        return tuple(rows_of(location, *rows) for location, rows in zip(self.locations, self.rows))
 
     @property
     def nbytes(self) -> int:
@@ -110,12 +117,15 @@ class ChunkFetcher:
     def __init__(
         self,
         schedule: Sequence[ChunkRead],
+        describe: Callable[[ChunkKey], ChunkRead],
         budget: int,
         concurrency: int = DEFAULT_IO_CONCURRENCY,
         part_bytes: int = PART_BYTES,
         allocate: Allocator = heap_buffer,
     ) -> None:
+        """``describe(key)`` says what any chunk reads (for chunks asked out of schedule order)."""
         self.schedule = list(schedule)
+        self.describe = describe
         self.budget = budget
         self.part_bytes = part_bytes
         self.allocate = allocate
@@ -183,10 +193,7 @@ class ChunkFetcher:
         return LoadedChunk(key[1], key[2], tensors, on_release=lambda: self._release(size))
 
     def read_directly(self, key: ChunkKey) -> LoadedChunk:
-        planned = next((c for c in self.schedule if c.key[0] == key[0]), None)
-        if planned is None:
-            raise KeyError(f"chunk {key} is not part of this shard")
-        chunk = ChunkRead(key, planned.locations)
+        chunk = self.describe(key)
         self.bytes_read += chunk.nbytes
         return LoadedChunk(key[1], key[2], read_now(chunk.ranges))
 

@@ -22,6 +22,7 @@ from modelstock.fetch import (
     DEFAULT_IO_CONCURRENCY,
     LOCAL_IO_CONCURRENCY,
     ChunkFetcher,
+    ChunkKey,
     ChunkRead,
     heap_buffer,
     pinned_buffer,
@@ -54,9 +55,9 @@ class MergedShard:
     bytes_read: int
 
 
-def chunk_reads(index: int, tensor: ShardTensor, plan: ChunkPlan) -> list[ChunkRead]:
-    """The reads of one tensor's chunk plan, in the order the engine asks for them."""
-    return [ChunkRead((index, start, stop), tensor.locations) for start, stop in plan.reads]
+def chunk_read(tensor: ShardTensor, key: ChunkKey) -> ChunkRead:
+    """What rows ``key[1]:key[2]`` of ``tensor`` read from its inputs."""
+    return ChunkRead.same_rows(key, tensor.locations)
 
 
 def merge_into_shard(
@@ -69,15 +70,20 @@ def merge_into_shard(
 ) -> MergedShard:
     """Merge ``tensors`` in order into the safetensors file at ``location``."""
     plans = [chunk_plan_for(t.job, memory_budget) for t in tensors]
-    schedule = [read for index, (t, plan) in enumerate(zip(tensors, plans)) for read in chunk_reads(index, t, plan)]
+    schedule = [
+        chunk_read(tensor, (index, start, stop))
+        for index, (tensor, plan) in enumerate(zip(tensors, plans))
+        for start, stop in plan.reads
+    ]
     local = all(loc.file.is_local for t in tensors for loc in t.locations)
     concurrency = io_concurrency or (LOCAL_IO_CONCURRENCY if local else DEFAULT_IO_CONCURRENCY)
     on_gpu = device is not None and device.type == "cuda"
     specs = [TensorSpec(t.job.name, t.job.out_dtype, t.job.shape) for t in tensors]
     stats: list[TensorStats] = []
     writer = ShardWriter(location, specs)
-    with ChunkFetcher(schedule, memory_budget, concurrency, allocate=pinned_buffer if on_gpu else heap_buffer) as fetcher, \
-            BlockRunner(threads) as runner, writer:
+    fetcher = ChunkFetcher(schedule, lambda key: chunk_read(tensors[key[0]], key), memory_budget, concurrency,
+                           allocate=pinned_buffer if on_gpu else heap_buffer)
+    with fetcher, BlockRunner(threads) as runner, writer:
         for index, (tensor, plan) in enumerate(zip(tensors, plans)):
 
             def read(start: int, stop: int, index: int = index) -> LoadedChunk:
