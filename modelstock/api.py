@@ -16,7 +16,7 @@ from modelstock.engine import merge_in_memory
 from modelstock.errors import InvalidRecipe
 from modelstock.methods.base import TensorStats
 from modelstock.planner import CatalogEntry, ModelCatalog, plan_tensors
-from modelstock.recipe import parse_recipe
+from modelstock.recipe import parse_recipe, recipe_models
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -49,12 +49,13 @@ def merge_state_dicts(
         },
         source="merge_state_dicts",
     )
-    inputs = ([base] if base is not None else []) + list(models)
-    catalogs = [_catalog(label, state) for label, state in zip((["base"] if base is not None else []) + labels, inputs)]
-    jobs = plan_tensors(recipe, catalogs[0] if base is not None else None, catalogs[1:] if base is not None else catalogs)
+    states = {"base": base} if base is not None else {}
+    states.update(zip(labels, models))
+    plan = plan_tensors(recipe, {label: _catalog(label, state) for label, state in states.items()})
+    inputs = [states[url] for url in recipe_models(recipe)]
     merged: dict[str, torch.Tensor] = {}
     stats: list[TensorStats] = []
-    for job in jobs:
+    for job in plan.jobs:
         tensor, tensor_stats = merge_in_memory(job, [inputs[i.model][i.tensor] for i in job.inputs])
         merged[job.name] = tensor
         stats.append(tensor_stats)

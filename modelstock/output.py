@@ -175,8 +175,9 @@ def index_json(shards: Sequence[tuple[str, Sequence[str]]], total_size: int) -> 
     ).encode()
 
 
-def set_config_dtype(raw: bytes, out_dtype_name: str, source: str) -> bytes:
-    """config.json with the output dtype recorded, as transformers and mergekit do."""
+def output_config(raw: bytes, out_dtype_name: str, layers: int | None, source: str) -> bytes:
+    """config.json of the output: the output dtype recorded (as transformers and mergekit do) and,
+    when slices changed it, the number of decoder layers."""
     try:
         config = json.loads(raw)
     except ValueError as exc:
@@ -186,6 +187,14 @@ def set_config_dtype(raw: bytes, out_dtype_name: str, source: str) -> bytes:
     keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
     for key in keys:
         config[key] = out_dtype_name
+    if layers is not None:
+        for holder in (config, config.get("text_config")):
+            if isinstance(holder, dict) and "num_hidden_layers" in holder:
+                holder["num_hidden_layers"] = layers
+                if isinstance(holder.get("layer_types"), list) and holder["layer_types"]:
+                    # Per-layer kinds (e.g. sliding/full attention) follow the layer count, cycling.
+                    kinds = holder["layer_types"]
+                    holder["layer_types"] = [kinds[i % len(kinds)] for i in range(layers)]
     return (json.dumps(config, indent=2) + "\n").encode()
 
 

@@ -1,22 +1,34 @@
 """From a recipe and the inputs' tensor catalogs to one job per output tensor: the one planner
 that both the Python API (state dicts in memory) and the Ray driver (checkpoints in storage) use.
 
-All cross-model checks happen here, on names, shapes and dtypes alone, before any tensor byte is
-read: the same tensors in every input, the same shapes and dtypes, no empty tensors, and each
-method's own rules for the parameters resolved per tensor.
+Every check happens here, on names, shapes and dtypes alone, before any tensor byte is read, and
+each method's own rules are applied to the parameters resolved per tensor.
+
+Layers (docs/ARCHITECTURE.md, "Recipes and layers"): a tensor named ``<prefix>layers.<i>.<rest>``
+(also ``h.<i>``, ``blocks.<i>``, ``layer.<i>``) belongs to layer i of a layer stack; its position
+``t = i / (layers - 1)`` in its slice drives gradient parameters, as in mergekit. Tensors outside
+the stack take ``t = 0``: embeddings come from the first slice's models, the rest (final norm,
+lm_head) from the last slice's.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from modelstock.checkpoint.reader import Checkpoint
 from modelstock.dtypes import element_count, is_float
-from modelstock.errors import IncompatibleModels, InvalidCheckpoint
+from modelstock.errors import IncompatibleModels, InvalidCheckpoint, InvalidRecipe
 from modelstock.jobs import TensorInput, TensorJob
-from modelstock.recipe import MergeRecipe
+from modelstock.recipe import MergeRecipe, SliceSpec, recipe_models
+
+log = logging.getLogger(__name__)
+
+LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer)\.)(?P<index>\d+)(?P<suffix>\..+)$")
+EMBEDDING_NAME = re.compile(r"(embed|wte|wpe|word_embeddings)")
+TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,15 @@ class ModelCatalog:
     tensors: Mapping[str, CatalogEntry]
 
 
+@dataclass(frozen=True)
+class TensorPlan:
+    """The jobs of a merge, and what it changes in the model's shape."""
+
+    jobs: list[TensorJob]
+    output_layers: int | None = None  # decoder layers of the output when slices changed the count
+    ignored: list[str] = field(default_factory=list)  # tensors of some inputs that the output does not have
+
+
 def catalog_of(checkpoint: Checkpoint) -> ModelCatalog:
     return ModelCatalog(
         checkpoint.url,
@@ -48,82 +69,179 @@ def natural_key(name: str) -> tuple[object, ...]:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
-def _summarise(problems: list[str]) -> str:
-    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    return problems[0] + more
+def layer_of(name: str) -> tuple[str, int, str] | None:
+    """(prefix, index, suffix) of a tensor in a layer stack, else None."""
+    match = LAYER_NAME.match(name)
+    return (match["prefix"], int(match["index"]), match["suffix"]) if match else None
 
 
-def check_compatible(reference: ModelCatalog, others: Sequence[ModelCatalog]) -> None:
-    """Every input holds the reference's tensors with the same shapes and dtypes."""
-    problems: list[str] = []
-    for other in others:
-        for name in sorted(set(reference.tensors) - set(other.tensors), key=natural_key):
-            problems.append(f"{other.label}: tensor {name!r} is missing (present in {reference.label})")
-        for name in sorted(set(other.tensors) - set(reference.tensors), key=natural_key):
-            problems.append(f"{other.tensors[name].label}: tensor {name!r} is not in {reference.label}")
-    for other in others:
-        for name in sorted(set(reference.tensors) & set(other.tensors), key=natural_key):
-            mine, theirs = reference.tensors[name], other.tensors[name]
-            if mine.shape != theirs.shape:
-                problems.append(
-                    f"{theirs.label}: tensor {name!r} has shape {list(theirs.shape)} but {mine.label} has {list(mine.shape)}"
-                )
-            elif mine.dtype != theirs.dtype:
-                problems.append(f"{theirs.label}: tensor {name!r} is {theirs.dtype} but {mine.label} has {mine.dtype}")
-    if problems:
-        raise IncompatibleModels(_summarise(problems))
-    for name, entry in reference.tensors.items():
-        if element_count(entry.shape) == 0:
-            raise InvalidCheckpoint(f"{entry.label}: tensor {name!r} has zero elements {list(entry.shape)}; nothing to merge")
+def layer_counts(names: Sequence[str]) -> dict[str, int]:
+    """Layers per stack prefix (the largest index + 1)."""
+    counts: dict[str, int] = {}
+    for name in names:
+        found = layer_of(name)
+        if found:
+            counts[found[0]] = max(counts.get(found[0], 0), found[1] + 1)
+    return counts
 
 
-def plan_tensors(recipe: MergeRecipe, base: ModelCatalog | None, models: Sequence[ModelCatalog]) -> list[TensorJob]:
+def position(index: int, layers: int) -> float:
+    """t of layer ``index`` of ``layers`` (mergekit: 1 for a single layer)."""
+    return index / (layers - 1) if layers > 1 else 1.0
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """One output tensor before its job: where each input comes from, and its layer position."""
+
+    name: str
+    spec: SliceSpec
+    base: tuple[int, str] | None  # (input index, tensor name)
+    models: tuple[tuple[int, str], ...]
+    t: float
+
+
+class _Planner:
+    def __init__(self, recipe: MergeRecipe, catalogs: Mapping[str, ModelCatalog]) -> None:
+        self.recipe = recipe
+        self.method = recipe.method
+        self.urls = list(recipe_models(recipe))
+        missing = [url for url in self.urls if url not in catalogs]
+        if missing:
+            raise ValueError(f"no catalog for input {missing[0]}")
+        self.catalogs = [catalogs[url] for url in self.urls]
+        self.index = {url.rstrip("/"): i for i, url in enumerate(self.urls)}
+        specs = recipe.slice_specs()
+        self.specs = specs
+        first = specs[0]
+        reference_url = first.base_model if first.base_model else first.models[0]
+        self.reference = self.catalogs[self.input_index(reference_url)]
+
+    def input_index(self, url: str) -> int:
+        return self.index[url.rstrip("/")]
+
+    def planned(self) -> tuple[list[_Planned], int | None]:
+        if self.recipe.slices is None:
+            return self._models_form(), None
+        return self._slices_form()
+
+    def _models_form(self) -> list[_Planned]:
+        """A ``models`` recipe: every tensor of the reference, from the same name in every input."""
+        spec = self.specs[0]
+        counts = layer_counts(list(self.reference.tensors))
+        base = self.input_index(spec.base_model) if spec.base_model and self.method.needs_base else None
+        planned = []
+        for name in self.reference.tensors:
+            found = layer_of(name)
+            t = position(found[1], counts[found[0]]) if found else 0.0
+            models = tuple((self.input_index(url), name) for url in spec.models)
+            planned.append(_Planned(name, spec, (base, name) if base is not None else None, models, t))
+        return planned
+
+    def _slices_form(self) -> tuple[list[_Planned], int]:
+        """A ``slices`` recipe: layers renumbered slice after slice; the rest from the first/last slice."""
+        counts = layer_counts(list(self.reference.tensors))
+        if not counts:
+            raise InvalidRecipe(f"slices: {self.reference.label} has no layer stack (tensors named '...layers.<i>...')")
+        stack = max(counts, key=lambda prefix: sum(1 for n in self.reference.tensors if n.startswith(prefix)))
+        suffixes = sorted({found[2] for n in self.reference.tensors if (found := layer_of(n)) and found[0] == stack})
+        planned: list[_Planned] = []
+        offset = 0
+        for spec in self.specs:
+            assert spec.layers is not None and spec.first_layers is not None and spec.base_first_layer is not None
+            base = self.input_index(spec.base_model) if spec.base_model and self.method.needs_base else None
+            for k in range(spec.layers):
+                for suffix in suffixes:
+                    models = tuple(
+                        (self.input_index(url), f"{stack}{first + k}{suffix}") for url, first in zip(spec.models, spec.first_layers)
+                    )
+                    base_input = (base, f"{stack}{spec.base_first_layer + k}{suffix}") if base is not None else None
+                    planned.append(_Planned(f"{stack}{offset + k}{suffix}", spec, base_input, models, position(k, spec.layers)))
+            offset += spec.layers
+        for name in self.reference.tensors:
+            found = layer_of(name)
+            if found and found[0] == stack:
+                continue
+            spec = self.specs[0] if EMBEDDING_NAME.search(name) else self.specs[-1]
+            base = self.input_index(spec.base_model) if spec.base_model and self.method.needs_base else None
+            models = tuple((self.input_index(url), name) for url in spec.models)
+            planned.append(_Planned(name, spec, (base, name) if base is not None else None, models, 0.0))
+        return planned, offset
+
+    def entry(self, source: tuple[int, str], wanted: str) -> tuple[CatalogEntry, str]:
+        """The catalog entry of an input tensor (a tied lm_head falls back to the embedding)."""
+        model, name = source
+        catalog = self.catalogs[model]
+        if name in catalog.tensors:
+            return catalog.tensors[name], name
+        if name == TIED_HEAD and TIED_EMBEDDING in catalog.tensors:
+            return catalog.tensors[TIED_EMBEDDING], TIED_EMBEDDING
+        raise IncompatibleModels(f"{catalog.label}: tensor {name!r} is missing (needed for output tensor {wanted!r})")
+
+
+def _check_same_shape(name: str, entries: Sequence[tuple[CatalogEntry, str]]) -> None:
+    first, first_name = entries[0]
+    for entry, tensor in entries[1:]:
+        if entry.shape != first.shape:
+            raise IncompatibleModels(
+                f"{entry.label}: tensor {tensor!r} has shape {list(entry.shape)} but {first.label} has {list(first.shape)}"
+                + (f" (output tensor {name!r})" if tensor != name else "")
+            )
+
+
+def plan_tensors(recipe: MergeRecipe, catalogs: Mapping[str, ModelCatalog]) -> TensorPlan:
     """One job per output tensor, in natural name order.
 
-    Inputs are numbered as the merge opens them: the base first when the recipe has one (index 0),
-    then the models in recipe order.
+    ``catalogs`` holds every input by URL; inputs are numbered as :func:`recipe_models` lists
+    them (base models first, then the models in order of first appearance).
     """
+    planner = _Planner(recipe, catalogs)
     method = recipe.method
-    reference = base if base is not None else models[0]
-    check_compatible(reference, [*models] if base is not None else models[1:])
-    first_model = 1 if base is not None else 0
-    use_base = base is not None and method.needs_base
-    out_dtype = recipe.output_dtype
+    planned, output_layers = planner.planned()
     jobs: list[TensorJob] = []
-    for name in sorted(reference.tensors, key=natural_key):
-        entry = reference.tensors[name]
-        flags = ("excluded",) if recipe.is_excluded(name) else ("not_floating_point",) if not is_float(entry.dtype) else ()
-        if flags:
-            jobs.append(
-                TensorJob(
-                    name=name,
-                    shape=entry.shape,
-                    out_dtype=out_dtype if out_dtype and is_float(entry.dtype) else entry.dtype,
-                    method=None,
-                    params=None,
-                    inputs=(TensorInput(0, name, entry.dtype, entry.label),),
-                    has_base=False,
-                    flags=flags,
-                )
-            )
-            continue
-        params = recipe.tensor_parameters(name)
-        if method.validate is not None:
-            method.validate(params, name)
-        inputs = [TensorInput(0, name, entry.dtype, entry.label)] if use_base else []
-        inputs += [
-            TensorInput(first_model + index, name, model.tensors[name].dtype, model.tensors[name].label)
-            for index, model in enumerate(models)
-        ]
-        jobs.append(
-            TensorJob(
-                name=name,
-                shape=entry.shape,
-                out_dtype=out_dtype or entry.dtype,
-                method=method.name,
-                params=params,
-                inputs=tuple(inputs),
-                has_base=use_base,
-            )
+    for item in sorted(planned, key=lambda p: natural_key(p.name)):
+        sources = ([item.base] if item.base is not None else []) + list(item.models)
+        entries = [planner.entry(source, item.name) for source in sources]
+        _check_same_shape(item.name, entries)
+        reference, _ = entries[0]
+        if element_count(reference.shape) == 0:
+            raise InvalidCheckpoint(f"{reference.label}: tensor {item.name!r} has zero elements {list(reference.shape)}; nothing to merge")
+        inputs = tuple(
+            TensorInput(model, tensor, entry.dtype, entry.label) for (model, _), (entry, tensor) in zip(sources, entries)
         )
-    return jobs
+        if is_float(reference.dtype):
+            for entry, tensor in entries[1:]:
+                if not is_float(entry.dtype):
+                    raise IncompatibleModels(
+                        f"{entry.label}: tensor {tensor!r} is {entry.dtype} but {reference.label} has {reference.dtype}; "
+                        "only floating-point dtypes can be mixed"
+                    )
+        tied = any(tensor != name for (_, name), (_, tensor) in zip(sources, entries) if name == TIED_HEAD)
+        flags = ("tied_lm_head",) if tied else ()
+        if recipe.is_excluded(item.name) or not all(is_float(i.dtype) for i in inputs):
+            # Copied as it is from the slice's base model (whatever the method), else its first model.
+            why = "excluded" if recipe.is_excluded(item.name) else "not_floating_point"
+            origin = (planner.input_index(item.spec.base_model), sources[0][1]) if item.spec.base_model else sources[0]
+            entry, tensor = planner.entry(origin, item.name)
+            out = recipe.output_dtype if recipe.output_dtype and is_float(entry.dtype) else entry.dtype
+            copied = TensorInput(origin[0], tensor, entry.dtype, entry.label)
+            jobs.append(TensorJob(item.name, entry.shape, out, None, None, (copied,), False, (why, *flags)))
+            continue
+        params = recipe.tensor_parameters(item.name, item.t, item.spec)
+        if method.validate is not None:
+            method.validate(params, item.name)
+        jobs.append(TensorJob(
+            item.name, reference.shape, recipe.output_dtype or reference.dtype, method.name, params, inputs,
+            item.base is not None, flags,
+        ))
+    used = {(i.model, i.tensor) for job in jobs for i in job.inputs}
+    ignored = sorted(
+        {f"{catalog.label}: {name}" for index, catalog in enumerate(planner.catalogs) for name in catalog.tensors
+         if (index, name) not in used and catalog is not planner.reference and recipe.slices is None
+         and name not in planner.reference.tensors},
+        key=natural_key,
+    )
+    if ignored:
+        log.warning("%d tensors of the inputs are not in %s and are left out (e.g. %s)",
+                    len(ignored), planner.reference.label, ignored[0])
+    return TensorPlan(jobs, output_layers, ignored)

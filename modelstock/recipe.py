@@ -11,25 +11,26 @@ parameters:
 dtype: bfloat16          # output dtype unless out_dtype is given (we always compute in fp32+)
 ```
 
-Parameters follow mergekit: a per-model parameter is looked up on the model, then in the
-top-level ``parameters``, then the method's default. A value is a scalar or a conditional list
-``[{filter: self_attn, value: 0.5}, {value: 1.0}]`` where the first entry whose ``filter`` is a
-substring of the tensor name (or which has no filter, or filter `*`) applies.
-``include`` / ``exclude`` (modelstock extensions) are glob patterns on tensor names; excluded
-tensors are copied from the base model.
+Instead of ``models``, a recipe may give ``slices`` (mergekit's layer slices: frankenmerges,
+depth up-scaling, per-slice parameters): each output slice takes the same number of layers from
+each of its sources (``layer_range: [first, last + 1]``), and the output's layers are the slices'
+layers in order. ``models`` is the special case of one slice with every layer of every model.
+
+Parameter values follow mergekit (``modelstock.parameters``): scalars, gradients over the layer
+position, conditional lists; a model's own value first, then its slice's, then the top level's,
+then the method's default. ``include`` / ``exclude`` (modelstock extensions) are glob patterns on
+tensor names; excluded tensors are copied from the base model.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import hashlib
 import json
-import typing
-from collections.abc import Mapping
-from functools import lru_cache
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import pydantic
 import yaml
@@ -38,18 +39,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from modelstock.dtypes import RECIPE_DTYPES
 from modelstock.errors import InvalidRecipe
 from modelstock.methods import get_method
-from modelstock.methods.base import MergeMethod, TensorParameters, recipe_name
-
-Scalar = Union[bool, int, float, str]
-
-
-class ConditionalValue(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    filter: str | None = None
-    value: Scalar
+from modelstock.methods.base import MergeMethod, TensorParameters
+from modelstock.parameters import ParameterValue, Scope, check_types, instantiate, required_names, resolve
 
 
-ParameterValue = Union[Scalar, list[ConditionalValue]]
+def _same(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and a.rstrip("/") == b.rstrip("/")
 
 
 class ModelEntry(BaseModel):
@@ -59,13 +54,61 @@ class ModelEntry(BaseModel):
     init: str | None = None  # Ratatouille: the initialisation this ingredient was fine-tuned from
 
 
+class SliceSource(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str = Field(min_length=1)
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParameterValue] = Field(default_factory=dict)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if value[0] < 0 or value[1] <= value[0]:
+            raise ValueError(f"layer_range {list(value)} must be [first, last + 1] with first < last + 1")
+        return value
+
+    @property
+    def layers(self) -> int:
+        return self.layer_range[1] - self.layer_range[0]
+
+
+class OutputSlice(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: dict[str, ParameterValue] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _equal_lengths(self) -> OutputSlice:
+        lengths = {s.layers for s in self.sources}
+        if len(lengths) > 1:
+            raise ValueError(f"the sources of a slice must span the same number of layers, got {sorted(lengths)}")
+        return self
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """One output slice as the planner uses it: its base, its models (base excluded when the method
+    takes a base) with their own parameter scopes and first layers, and its own scope.
+    ``first_layers`` is None for a ``models`` recipe (every layer of every model)."""
+
+    base_model: str | None
+    models: tuple[str, ...]
+    model_scopes: tuple[Scope, ...]
+    first_layers: tuple[int, ...] | None
+    base_first_layer: int | None
+    layers: int | None
+    scope: Scope
+
+
 class MergeRecipe(BaseModel):
     """A validated recipe. Build it with :func:`load_recipe` or :func:`parse_recipe`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     merge_method: str
     base_model: str | None = None
-    models: list[ModelEntry] = Field(min_length=1)
+    models: list[ModelEntry] | None = None
+    slices: list[OutputSlice] | None = None
     parameters: dict[str, ParameterValue] = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
@@ -103,44 +146,86 @@ class MergeRecipe(BaseModel):
             return data
         if not method.needs_base or method.refuse_base_in_models:
             return data
-        base = str(data["base_model"]).rstrip("/")
-        kept = [e for e in data["models"] if not (isinstance(e, dict) and str(e.get("model", "")).rstrip("/") == base)]
+        base = str(data["base_model"])
+        kept = [e for e in data["models"] if not (isinstance(e, dict) and _same(str(e.get("model", "")), base))]
         return {**data, "models": kept} if len(kept) != len(data["models"]) else data
 
     @model_validator(mode="after")
-    def _method_rules(self) -> "MergeRecipe":
+    def _method_rules(self) -> MergeRecipe:
         method = get_method(self.merge_method)
-        if method.needs_base and not self.base_model:
-            raise ValueError(f"merge_method {self.merge_method} needs base_model")
-        if len(self.models) < method.min_models:
-            raise ValueError(
-                f"merge_method {self.merge_method} needs at least {method.min_models} models besides the base, "
-                f"got {len(self.models)}"
-            )
-        if method.max_models is not None and len(self.models) > method.max_models:
-            raise ValueError(
-                f"merge_method {self.merge_method} takes at most {method.max_models} models besides the base, "
-                f"got {len(self.models)}"
-            )
-        urls = [entry.model.rstrip("/") for entry in self.models]
-        duplicates = sorted({u for u in urls if urls.count(u) > 1})
-        if duplicates:
-            raise ValueError(f"model {duplicates[0]} is listed twice")
-        if method.needs_base and self.base_model and self.base_model.rstrip("/") in urls:
-            raise ValueError(
-                f"base_model {self.base_model} is also listed among the models; "
-                f"{self.merge_method} takes it once, as base_model"
-            )
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give either models or slices")
+        if self.models is not None:
+            if not self.models:
+                raise ValueError("models: at least one model is needed")
+            urls = [entry.model.rstrip("/") for entry in self.models]
+            duplicates = sorted({u for u in urls if urls.count(u) > 1})
+            if duplicates:
+                raise ValueError(f"model {duplicates[0]} is listed twice")
+            if method.needs_base and self.base_model and self.base_model.rstrip("/") in urls:
+                raise ValueError(
+                    f"base_model {self.base_model} is also listed among the models; "
+                    f"{self.merge_method} takes it once, as base_model"
+                )
+        for index, spec in enumerate(self.slice_specs()):
+            where = "" if self.models is not None else f"slices[{index}]: "
+            if method.needs_base and not spec.base_model:
+                raise ValueError(f"{where}merge_method {self.merge_method} needs base_model")
+            if len(spec.models) < method.min_models:
+                raise ValueError(
+                    f"{where}merge_method {self.merge_method} needs at least {method.min_models} models besides "
+                    f"the base, got {len(spec.models)}"
+                )
+            if method.max_models is not None and len(spec.models) > method.max_models:
+                raise ValueError(
+                    f"{where}merge_method {self.merge_method} takes at most {method.max_models} models besides "
+                    f"the base, got {len(spec.models)}"
+                )
         _check_parameter_names(self, method)
         return self
 
     @property
-    def method(self) -> MergeMethod:
+    def method(self) -> MergeMethod[Any, Any]:
         return get_method(self.merge_method)
+
+    def slice_specs(self) -> list[SliceSpec]:
+        """The output slices (one for a ``models`` recipe)."""
+        method = get_method(self.merge_method)
+        if self.models is not None:
+            return [SliceSpec(self.base_model, tuple(m.model for m in self.models),
+                              tuple(m.parameters for m in self.models), None, None, None, {})]
+        specs = []
+        for output in self.slices or []:
+            base = output.base_model or self.base_model
+            is_base = [method.needs_base and _same(s.model, base) for s in output.sources]
+            models = [s for s, skip in zip(output.sources, is_base) if not skip]
+            base_sources = [s for s, skip in zip(output.sources, is_base) if skip]
+            specs.append(SliceSpec(
+                base_model=base,
+                models=tuple(s.model for s in models),
+                model_scopes=tuple(s.parameters for s in models),
+                first_layers=tuple(s.layer_range[0] for s in models),
+                # A base not listed among the sources takes the slice's layers at the same depth.
+                base_first_layer=base_sources[0].layer_range[0] if base_sources else output.sources[0].layer_range[0],
+                layers=output.sources[0].layers,
+                scope=output.parameters,
+            ))
+        return specs
 
     @property
     def model_urls(self) -> list[str]:
-        return [entry.model for entry in self.models]
+        """Every model besides the base, once each, in order of first appearance."""
+        seen: dict[str, None] = {}
+        for spec in self.slice_specs():
+            for url in spec.models:
+                seen.setdefault(url.rstrip("/") if url.endswith("/") and len(url) > 1 else url, None)
+        return list(seen)
+
+    @property
+    def base_urls(self) -> list[str]:
+        """Every base model (slices may name their own), once each."""
+        bases = [spec.base_model for spec in self.slice_specs() if spec.base_model]
+        return list(dict.fromkeys(bases))
 
     @property
     def output_dtype(self) -> str | None:
@@ -162,114 +247,64 @@ class MergeRecipe(BaseModel):
             return True
         return any(fnmatch.fnmatchcase(tensor, p) for p in self.exclude)
 
-    def tensor_parameters(self, tensor: str) -> TensorParameters[Any, Any]:
-        """The method's parameters for one tensor, validated against their declared types."""
+    def tensor_parameters(self, tensor: str, t: float = 0.0, spec: SliceSpec | None = None) -> TensorParameters[Any, Any]:
+        """The method's parameters for one tensor at layer position ``t`` of a slice (the only one of
+        a ``models`` recipe by default), validated against their declared types."""
         method = self.method
-        global_names, model_names = method.parameter_names()
-        method_values = {
-            name: _value_for(self.parameters[name], tensor)
-            for name in global_names
-            if name in self.parameters
-        }
-        per_model = []
-        for entry in self.models:
-            values = {}
-            for name in model_names:
-                source = entry.parameters if name in entry.parameters else self.parameters
-                if name in source:
-                    values[name] = _value_for(source[name], tensor)
-            per_model.append(_instantiate(method.model_parameters, values, f"model {entry.model}", tensor))
-        return TensorParameters(
-            method=_instantiate(method.parameters, method_values, "parameters", tensor),
-            models=tuple(per_model),
+        spec = spec or self.slice_specs()[0]
+        method_names, model_names = method.parameter_names()
+        shared_scopes = (spec.scope, self.parameters)
+        method_values = {name: resolve(name, shared_scopes, tensor, t) for name in method_names}
+        per_model = tuple(
+            instantiate(
+                method.model_parameters,
+                {name: resolve(name, (own, *shared_scopes), tensor, t) for name in model_names},
+                f"model {model}",
+                tensor,
+            )
+            for model, own in zip(spec.models, spec.model_scopes)
         )
+        return TensorParameters(method=instantiate(method.parameters, method_values, "parameters", tensor), models=per_model)
 
 
-def _value_for(value: ParameterValue, tensor: str) -> Scalar | None:
-    if not isinstance(value, list):
-        return value
-    for option in value:
-        if option.filter is None or option.filter == "*" or option.filter in tensor:  # '*': as mergekit
-            return option.value
-    return None
+def _model_scopes(recipe: MergeRecipe) -> list[tuple[str, Mapping[str, ParameterValue]]]:
+    if recipe.models is not None:
+        return [(entry.model, entry.parameters) for entry in recipe.models]
+    return [(source.model, source.parameters) for output in recipe.slices or [] for source in output.sources]
 
 
-def _freeze(values: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-    return tuple(sorted((k, (type(v).__name__, v)) for k, v in values.items() if v is not None))
-
-
-@lru_cache(maxsize=256)
-def _field_adapters(kind: type) -> dict[str, tuple[str, pydantic.TypeAdapter]]:
-    """Recipe name -> (dataclass field name, validator)."""
-    hints = typing.get_type_hints(kind)
-    return {recipe_name(f): (f.name, pydantic.TypeAdapter(hints[f.name])) for f in dataclasses.fields(kind)}
-
-
-def _required_names(kind: type) -> list[str]:
-    return [
-        recipe_name(f)
-        for f in dataclasses.fields(kind)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+def _check_parameter_names(recipe: MergeRecipe, method: MergeMethod[Any, Any]) -> None:
+    method_names, model_names = method.parameter_names()
+    known = sorted(method_names | model_names)
+    shared = [("parameters", recipe.parameters)] + [
+        (f"slices[{i}].parameters", output.parameters) for i, output in enumerate(recipe.slices or [])
     ]
-
-
-def _validate_field(kind: type, name: str, value: Any) -> Any:
-    # Strict: YAML's `yes`/"1" must not silently become True/1.0; ints are accepted as floats.
-    return _field_adapters(kind)[name][1].validate_python(value, strict=True)
-
-
-@lru_cache(maxsize=4096)
-def _instantiate_cached(kind: type, frozen: tuple[tuple[str, Any], ...]) -> Any:
-    adapters = _field_adapters(kind)
-    return kind(**{adapters[name][0]: _validate_field(kind, name, value) for name, (_, value) in frozen})
-
-
-def _instantiate(kind: type, values: dict[str, Any], where: str, tensor: str) -> Any:
-    missing = [name for name in _required_names(kind) if values.get(name) is None]
-    if missing:
-        raise InvalidRecipe(f"{where}: missing required parameter {missing[0]!r} for tensor {tensor!r}")
-    try:
-        return _instantiate_cached(kind, _freeze(values))
-    except pydantic.ValidationError as exc:
-        error = exc.errors()[0]
-        raise InvalidRecipe(f"{where}: a parameter for tensor {tensor!r}: {error['msg']}") from None
-
-
-def _check_parameter_names(recipe: MergeRecipe, method: MergeMethod) -> None:
-    global_names, model_names = method.parameter_names()
-    for name in recipe.parameters:
-        if name not in global_names | model_names:
-            raise ValueError(f"unknown parameter {name!r} for {method.name} (known: {sorted(global_names | model_names)})")
-    for entry in recipe.models:
-        for name in entry.parameters:
-            if name in global_names:
-                raise ValueError(f"model {entry.model}: {name!r} is a method-wide parameter; set it under top-level parameters")
+    for where, scope in shared:
+        for name in scope:
+            if name not in method_names | model_names:
+                raise ValueError(f"unknown parameter {name!r} for {method.name} (known: {known})")
+    for model, scope in _model_scopes(recipe):
+        for name in scope:
+            if name in method_names:
+                raise ValueError(f"model {model}: {name!r} is a method-wide parameter; set it under top-level parameters")
             if name not in model_names:
-                raise ValueError(f"model {entry.model}: unknown parameter {name!r} for {method.name} (known: {sorted(model_names)})")
-    for name in _required_names(method.parameters):
-        if name not in recipe.parameters:
+                raise ValueError(f"model {model}: unknown parameter {name!r} for {method.name} (known: {sorted(model_names)})")
+    all_shared = [scope for _, scope in shared]
+    for name in required_names(method.parameters):
+        if not any(name in scope for scope in all_shared):
             raise ValueError(f"{method.name} needs parameter {name!r} under top-level parameters")
-    for name in _required_names(method.model_parameters):
-        for entry in recipe.models:
-            if name not in entry.parameters and name not in recipe.parameters:
-                raise ValueError(f"model {entry.model}: {method.name} needs parameter {name!r}")
-    # Type-check every value once up front (conditional values are re-checked per tensor).
-    for name, value in recipe.parameters.items():
-        _check_types(method, name, value, "parameters")
-    for entry in recipe.models:
-        for name, value in entry.parameters.items():
-            _check_types(method, name, value, f"model {entry.model}")
-
-
-def _check_types(method: MergeMethod, name: str, value: ParameterValue, where: str) -> None:
-    global_names, _ = method.parameter_names()
-    kind = method.parameters if name in global_names else method.model_parameters
-    options = value if isinstance(value, list) else [ConditionalValue(value=value)]
-    for option in options:
-        try:
-            _validate_field(kind, name, option.value)
-        except pydantic.ValidationError as exc:
-            raise ValueError(f"{where}: parameter {name!r}: {exc.errors()[0]['msg']}, got {option.value!r}") from None
+    for spec in recipe.slice_specs():
+        for model, own in zip(spec.models, spec.model_scopes):
+            for name in required_names(method.model_parameters):
+                if not any(name in scope for scope in (own, spec.scope, recipe.parameters)):
+                    raise ValueError(f"model {model}: {method.name} needs parameter {name!r}")
+    # Type-check every value once up front (filters and gradients are resolved per tensor).
+    for where, scope in shared:
+        for name, value in scope.items():
+            check_types(method, name, value, where)
+    for model, scope in _model_scopes(recipe):
+        for name, value in scope.items():
+            check_types(method, name, value, f"model {model}")
 
 
 def _format_validation_error(source: str, exc: pydantic.ValidationError) -> str:
@@ -309,3 +344,8 @@ def load_recipe(path: str | Path) -> MergeRecipe:
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise InvalidRecipe(f"{path}: invalid YAML{where}: {problem}") from None
     return parse_recipe(data, str(path))
+
+
+def recipe_models(recipe: MergeRecipe) -> Sequence[str]:
+    """Every input of a recipe: its base models then its models, each once (the merge's input order)."""
+    return [*recipe.base_urls, *(url for url in recipe.model_urls if not any(_same(url, b) for b in recipe.base_urls))]

@@ -12,7 +12,7 @@ from typing import Any
 from modelstock.methods.base import TensorStats
 
 
-def report_json(method: str, recipe_yaml: str, tensors: Sequence[TensorStats]) -> dict[str, Any]:
+def report_json(method: str, recipe_yaml: str, tensors: Sequence[TensorStats], ignored: Sequence[str] = ()) -> dict[str, Any]:
     merged = [s for s in tensors if s.method != "copy"]
     ratios = [s.values["t"] for s in merged if "t" in s.values]
     flags = Counter(flag for s in tensors for flag in s.flags)
@@ -28,6 +28,8 @@ def report_json(method: str, recipe_yaml: str, tensors: Sequence[TensorStats]) -
             "flags": dict(sorted(flags.items())),
             # Bytes read twice because a tensor's inputs exceeded the worker's memory budget.
             "reread_bytes": reread,
+            # Tensors some inputs hold but the output (shaped as the base) does not, as mergekit.
+            "ignored_tensors": list(ignored),
             **(
                 {"t_mean": sum(ratios) / len(ratios), "t_min": min(ratios), "t_max": max(ratios)}
                 if ratios

@@ -43,11 +43,11 @@ from modelstock.output import (
     model_files,
     read_output_state,
     remove_stale_partials,
-    set_config_dtype,
+    output_config,
     sha256_hex,
 )
-from modelstock.planner import catalog_of, plan_tensors
-from modelstock.recipe import MergeRecipe
+from modelstock.planner import TensorPlan, catalog_of, plan_tensors
+from modelstock.recipe import MergeRecipe, recipe_models
 from modelstock.report import report_bytes, report_json, report_png
 from modelstock.shard import ShardTensor
 from modelstock.storage import Location
@@ -99,24 +99,38 @@ class MergeResult:
         return [s.file for s in self.shards if s.resumed]
 
 
-def open_inputs(recipe: MergeRecipe, storage_options: Mapping[str, Any]) -> tuple[Checkpoint | None, list[Checkpoint]]:
-    """Headers of every input, read concurrently."""
-    urls = ([recipe.base_model] if recipe.base_model else []) + recipe.model_urls
+def open_inputs(recipe: MergeRecipe, storage_options: Mapping[str, Any]) -> list[Checkpoint]:
+    """Headers of every input, read concurrently, in the merge's input order (``recipe_models``)."""
+    urls = list(recipe_models(recipe))
     with ThreadPoolExecutor(max_workers=min(8, len(urls))) as pool:
-        checkpoints = list(pool.map(lambda url: open_checkpoint(url, storage_options), urls))
-    if recipe.base_model:
-        return checkpoints[0], checkpoints[1:]
-    return None, checkpoints
+        return list(pool.map(lambda url: open_checkpoint(url, storage_options), urls))
 
 
-def plan_merge(request: MergeRequest) -> tuple[MergePlan, Checkpoint | None, list[Checkpoint]]:
-    base, models = open_inputs(request.recipe, request.storage_options)
-    jobs = plan_tensors(request.recipe, catalog_of(base) if base else None, [catalog_of(m) for m in models])
-    checkpoints = ([base] if base else []) + models
+@dataclass(frozen=True)
+class PreparedMerge:
+    """A validated, planned merge: everything decided from headers, nothing written, no Ray."""
+
+    out: Location
+    plan: MergePlan
+    checkpoints: list[Checkpoint]  # every input, in the merge's input order
+    output_layers: int | None = None  # the output's decoder layers, when slices change them
+    ignored_tensors: tuple[str, ...] = ()
+
+    @property
+    def config_source(self) -> Checkpoint:
+        """The model whose config and tokenizer files the output takes: the (first) base, else the first model."""
+        return self.checkpoints[0]
+
+
+def plan_merge(request: MergeRequest) -> tuple[MergePlan, TensorPlan, list[Checkpoint]]:
+    recipe = request.recipe
+    checkpoints = open_inputs(recipe, request.storage_options)
+    tensor_plan = plan_tensors(recipe, {url: catalog_of(c) for url, c in zip(recipe_models(recipe), checkpoints)})
     tensors = [
-        ShardTensor(job, tuple(checkpoints[source.model].tensors[source.tensor] for source in job.inputs)) for job in jobs
+        ShardTensor(job, tuple(checkpoints[source.model].tensors[source.tensor] for source in job.inputs))
+        for job in tensor_plan.jobs
     ]
-    return plan_shards(tensors, request.shard_size, checkpoints), base, models
+    return plan_shards(tensors, request.shard_size, checkpoints), tensor_plan, checkpoints
 
 
 def output_action(state: OutputState, plan: MergePlan, overwrite: bool, out: Location) -> str:
@@ -215,24 +229,23 @@ def _out_dtype_name(recipe: MergeRecipe, tensors: Sequence[TensorStats]) -> str:
     return CONFIG_DTYPE_NAMES.get(most, "float32")
 
 
-def commit(request: MergeRequest, out: Location, plan: MergePlan, outcomes: list[ShardOutcome],
-           config_source: Checkpoint, checkpoints: Sequence[Checkpoint]) -> None:
+def commit(request: MergeRequest, prepared: PreparedMerge, outcomes: list[ShardOutcome]) -> None:
     """Index, config and tokenizer files, recipe, report, model card; the manifest last."""
-    recipe = request.recipe
+    recipe, out, plan = request.recipe, prepared.out, prepared.plan
     tensors = [stats for outcome in outcomes for stats in outcome.tensors]
     written: dict[str, bytes] = {}
-    source_dir = storage.resolve(config_source.url, request.storage_options)
+    source_dir = storage.resolve(prepared.config_source.url, request.storage_options)
     for name in model_files(source_dir):
         raw = storage.read_bytes(source_dir.join(name))
         if name == "config.json":
-            raw = set_config_dtype(raw, _out_dtype_name(recipe, tensors), source_dir.join(name).url)
+            raw = output_config(raw, _out_dtype_name(recipe, tensors), prepared.output_layers, source_dir.join(name).url)
         written[name] = raw
     written[INDEX_FILE_NAME] = index_json(
         [(shard.file, [t.job.name for t in shard.tensors]) for shard in plan.shards], plan.total_size
     )
     recipe_yaml = recipe.to_yaml()
     written[RECIPE_FILE] = recipe_yaml.encode()
-    report = report_json(recipe.merge_method, recipe_yaml, tensors)
+    report = report_json(recipe.merge_method, recipe_yaml, tensors, prepared.ignored_tensors)
     written[REPORT_FILE] = report_bytes(report)
     plot = report_png(tensors, f"{recipe.merge_method}: cos θ and t by tensor")
     if plot is not None:
@@ -247,26 +260,12 @@ def commit(request: MergeRequest, out: Location, plan: MergePlan, outcomes: list
         "format": MANIFEST_FORMAT,
         "recipe_sha256": recipe.sha256(),
         "plan_sha256": plan.digest,
-        "inputs": input_fingerprints(checkpoints),
+        "inputs": input_fingerprints(prepared.checkpoints),
         "total_size": plan.total_size,
         "shards": [{"file": o.file, "size": o.size, "sha256": o.sha256} for o in outcomes],
         "files": {name: sha256_hex(raw) for name, raw in sorted(written.items())},
     }
     storage.write_bytes(out.join(MANIFEST_FILE), (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
-
-
-@dataclass(frozen=True)
-class PreparedMerge:
-    """A validated, planned merge: everything decided from headers, nothing written, no Ray."""
-
-    out: Location
-    plan: MergePlan
-    base: Checkpoint | None
-    models: list[Checkpoint]
-
-    @property
-    def checkpoints(self) -> list[Checkpoint]:
-        return ([self.base] if self.base else []) + self.models
 
 
 def prepare_merge(request: MergeRequest) -> PreparedMerge:
@@ -276,11 +275,11 @@ def prepare_merge(request: MergeRequest) -> PreparedMerge:
     """
     out = storage.resolve(request.out_url, request.storage_options)
     recipe = request.recipe
-    check_not_overlapping(out, ([recipe.base_model] if recipe.base_model else []) + recipe.model_urls, request.storage_options)
-    plan, base, models = plan_merge(request)
+    check_not_overlapping(out, list(recipe_models(recipe)), request.storage_options)
+    plan, tensor_plan, checkpoints = plan_merge(request)
     log.info("plan: %d shards, %.2f GB out, %.2f GB to read", len(plan.shards), plan.total_size / 1e9, plan.input_bytes / 1e9)
     output_action(read_output_state(out), plan, request.overwrite, out)  # refuse early, touch nothing
-    return PreparedMerge(out, plan, base, models)
+    return PreparedMerge(out, plan, checkpoints, tensor_plan.output_layers, tuple(tensor_plan.ignored))
 
 
 def _release_quietly(lock: OutputLock) -> None:
@@ -315,7 +314,7 @@ def run_merge(request: MergeRequest, prepared: PreparedMerge | None = None) -> M
             outcomes = submit_and_gather(request, plan)
             if not lock.held():
                 raise OutputConflict(f"{out.url}: the output lock was taken over by another merge; not committing")
-            commit(request, out, plan, outcomes, prepared.base or prepared.models[0], prepared.checkpoints)
+            commit(request, prepared, outcomes)
         except OutputConflict:
             raise  # another merge owns the output now: leave it alone
         except InputError:

@@ -350,19 +350,15 @@ def tensor_missing_in_one_model(w: Workspace) -> Case:
     return w.case(str(w.tuned[0]), repr(T), "missing")
 
 
-def extra_tensor_in_one_model(w: Workspace) -> Case:
-    resave(_file(w), lambda t: t.update({"model.extra.weight": torch.zeros(4, 4)}))
-    return w.case(str(_file(w)), "'model.extra.weight'", str(w.base))
-
-
 def shape_mismatch(w: Workspace) -> Case:
     resave(_file(w), lambda t: t.update({T: t[T].reshape(8, 32).contiguous()}))
     return w.case(str(_file(w)), repr(T), "shape [8, 32]")
 
 
-def dtype_mismatch(w: Workspace) -> Case:
-    resave(_file(w), lambda t: t.update({T: t[T].to(torch.float16)}))
-    return w.case(str(_file(w)), repr(T), "F16")
+def integer_tensor_where_base_is_float(w: Workspace) -> Case:
+    """Mixed floating-point dtypes merge (cast, as mergekit); an integer tensor cannot."""
+    resave(_file(w), lambda t: t.update({T: t[T].to(torch.int32)}))
+    return w.case(str(_file(w)), repr(T), "I32")
 
 
 def nan_weights(w: Workspace) -> Case:
@@ -528,7 +524,7 @@ CORPUS: dict[str, Callable[[Workspace], Case]] = {
         index_names_missing_shard, shard_missing, index_names_tensor_missing_from_shard,
         index_maps_tensor_to_wrong_shard, index_invalid_json, index_without_weight_map, index_points_to_pickle,
         index_points_outside_folder,
-        tensor_missing_in_one_model, extra_tensor_in_one_model, shape_mismatch, dtype_mismatch,
+        tensor_missing_in_one_model, shape_mismatch, integer_tensor_where_base_is_float,
         nan_weights, inf_weights_in_base, nan_in_copied_tensor, zero_element_tensor,
         only_pickle_bin, only_pt_file, empty_folder, missing_local_folder, folder_without_weights,
         base_config_not_json,

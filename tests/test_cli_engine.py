@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import modelstock
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -260,11 +262,19 @@ def test_shape_mismatch_between_finetunes(tiny_family, tmp_path: Path, capsys, r
     assert str(wrong / "model.safetensors") in line and repr(LAYER) in line and "shape" in line
 
 
-def test_dtype_mismatch_between_finetunes(tiny_family, tmp_path: Path, capsys, ray_local: None) -> None:  # noqa: ANN001
-    tensor = load_file(str(tiny_family.finetunes[1] / "model.safetensors"))[LAYER].to(torch.float16)
-    wrong = copy_model(tiny_family.finetunes[1], tmp_path / "wrong-dtype", {LAYER: tensor})
-    line = run_bad_merge(model_stock_recipe(tiny_family.base, tiny_family.finetunes[0], wrong), tmp_path, capsys)
-    assert str(wrong / "model.safetensors") in line and repr(LAYER) in line and "F16" in line
+def test_mixed_input_dtypes_are_cast_to_the_compute_dtype(tiny_family, tmp_path: Path, capsys, ray_local: None) -> None:  # noqa: ANN001
+    """As mergekit: a fine-tune stored in another dtype is merged (cast to the compute dtype), and the
+    output keeps the base's dtype; the CLI and the in-memory API give the same bytes."""
+    states = [load_file(str(folder / "model.safetensors")) for folder in (tiny_family.base, *tiny_family.finetunes[:2])]
+    states[2][LAYER] = states[2][LAYER].to(torch.float16)
+    wrong = copy_model(tiny_family.finetunes[1], tmp_path / "wrong-dtype", {LAYER: states[2][LAYER]})
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(model_stock_recipe(tiny_family.base, tiny_family.finetunes[0], wrong))
+    assert main(["merge", str(recipe), str(tmp_path / "merged"), "--quiet"]) == 0
+    merged = load_file(str(next((tmp_path / "merged").glob("model-*.safetensors"))))
+    expected, _ = modelstock.merge("model_stock", states[1:], base=states[0])
+    assert merged[LAYER].dtype == torch.float32
+    assert merged[LAYER].equal(expected[LAYER])
 
 
 def test_missing_tensor(tiny_family, tmp_path: Path, capsys, ray_local: None) -> None:  # noqa: ANN001
@@ -322,3 +332,24 @@ def test_bad_input_in_a_fresh_process_prints_one_line(tiny_family, tmp_path: Pat
     assert lines[0].startswith("modelstock: error: ") and str(recipe) in lines[0] and "at least 2 models" in lines[0]
     assert result.stdout == ""
     assert_nothing_at(out)
+
+
+def test_tensors_only_some_inputs_have_are_left_out_and_reported(tiny_family, tmp_path: Path, ray_local: None) -> None:  # noqa: ANN001
+    """As mergekit: the output is shaped as the base; a fine-tune's extra tensor is left out (and the
+    report says so), and a fine-tune that ties its lm_head to its embeddings merges its embeddings."""
+    extra = copy_model(tiny_family.finetunes[0], tmp_path / "extra", {"model.extra.weight": torch.ones(4, 4)})
+    embeddings = load_file(str(tiny_family.finetunes[1] / "model.safetensors"))["model.embed_tokens.weight"]
+    tied = copy_model(tiny_family.finetunes[1], tmp_path / "tied", {"lm_head.weight": None})
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(model_stock_recipe(tiny_family.base, extra, tied))
+    assert main(["merge", str(recipe), str(tmp_path / "merged"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "merged" / "modelstock-report.json").read_text())
+    assert report["summary"]["ignored_tensors"] == [f"{extra}: model.extra.weight"]
+    head = next(t for t in report["tensors"] if t["name"] == "lm_head.weight")
+    assert "tied_lm_head" in head["flags"]
+    states = [load_file(str(f / "model.safetensors")) for f in (tiny_family.base, tiny_family.finetunes[0])]
+    states.append({**load_file(str(tiny_family.finetunes[1] / "model.safetensors")), "lm_head.weight": embeddings})
+    expected, _ = modelstock.merge("model_stock", states[1:], base=states[0])
+    merged = load_file(str(next((tmp_path / "merged").glob("model-*.safetensors"))))
+    assert "model.extra.weight" not in merged
+    assert merged["lm_head.weight"].equal(expected["lm_head.weight"])

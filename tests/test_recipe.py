@@ -140,7 +140,22 @@ BAD_RECIPES: dict[str, tuple[str, str]] = {
     "not_a_mapping": ("- model: a\n- model: b\n", r"mapping"),
     "empty_file": ("", r"mapping"),
     "unknown_top_level_key": (
-        "merge_method: linear\nmodels: [{model: a}, {model: b}]\nslices: []\n", r"slices.*unknown key"
+        "merge_method: linear\nmodels: [{model: a}, {model: b}]\nmodules: {}\n", r"modules.*unknown key"
+    ),
+    "models_and_slices": (
+        "merge_method: linear\nmodels: [{model: a}]\nslices: [{sources: [{model: a, layer_range: [0, 2]}]}]\n",
+        r"either models or slices",
+    ),
+    "slice_sources_of_different_lengths": (
+        "merge_method: linear\nslices:\n  - sources:\n      - {model: a, layer_range: [0, 4]}\n"
+        "      - {model: b, layer_range: [0, 3]}\n",
+        r"same number of layers",
+    ),
+    "empty_layer_range": (
+        "merge_method: passthrough\nslices: [{sources: [{model: a, layer_range: [3, 3]}]}]\n", r"layer_range"
+    ),
+    "gradient_of_strings_for_a_number": (
+        "merge_method: slerp\nbase_model: a\nmodels: [{model: b}]\nparameters: {t: [0, high, 1]}\n", r"'high'"
     ),
     "unknown_model_key": (
         "merge_method: linear\nmodels: [{model: a, lora: x}, {model: b}]\n", r"lora.*unknown key"
@@ -238,3 +253,88 @@ def test_slerp_in_mergekit_form_lists_base_and_one_model(tmp_path: Path) -> None
     path = tmp_path / "recipe.yml"
     path.write_text("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}]\nparameters: {t: 0.3}\n")
     assert load_recipe(path).model_urls == ["b"]
+
+
+# ----------------------------------------------------------------------------- gradients, scopes, slices
+
+GRADIENT_SLERP = """\
+slices:
+  - sources:
+      - {model: a, layer_range: [0, 5]}
+      - {model: b, layer_range: [0, 5]}
+merge_method: slerp
+base_model: a
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: bfloat16
+"""
+
+
+def test_gradient_values_interpolate_over_the_layer_position(tmp_path: Path) -> None:
+    """mergekit's rule: anchors evenly spaced over t in [0, 1], linear in between."""
+    from mergekit.config import MergeConfiguration
+
+    MergeConfiguration.model_validate(yaml.safe_load(GRADIENT_SLERP))  # the canonical recipe is mergekit's
+    recipe = load_recipe(write(tmp_path, GRADIENT_SLERP))
+    spec = recipe.slice_specs()[0]
+    assert spec.models == ("b",) and spec.base_model == "a"
+
+    def t_at(name: str, t: float) -> float:
+        return recipe.tensor_parameters(name, t, spec).method.t
+
+    assert t_at("model.layers.0.self_attn.q_proj.weight", 0.0) == 0.0
+    assert t_at("model.layers.1.self_attn.q_proj.weight", 0.25) == pytest.approx(0.5)
+    assert t_at("model.layers.2.self_attn.q_proj.weight", 0.5) == pytest.approx(0.3)
+    assert t_at("model.layers.2.self_attn.q_proj.weight", 0.375) == pytest.approx(0.5 * 0.5 + 0.5 * 0.3)
+    assert t_at("model.layers.4.mlp.up_proj.weight", 1.0) == pytest.approx(0.0)
+    assert t_at("model.layers.1.mlp.up_proj.weight", 0.25) == pytest.approx(0.5)
+    assert t_at("model.norm.weight", 0.0) == 0.5
+
+
+def test_a_value_that_does_not_apply_passes_to_the_next_scope(tmp_path: Path) -> None:
+    """As mergekit: a model's conditional list with no matching filter falls back to the top level."""
+    text = """\
+    merge_method: linear
+    models:
+      - model: a
+        parameters:
+          weight: [{filter: self_attn, value: 3.0}]
+      - model: b
+    parameters:
+      weight: 0.5
+    """
+    recipe = load_recipe(write(tmp_path, text))
+    assert [p.weight for p in recipe.tensor_parameters("mlp.weight").models] == [0.5, 0.5]
+    assert [p.weight for p in recipe.tensor_parameters("self_attn.weight").models] == [3.0, 0.5]
+
+
+def test_slice_parameters_sit_between_the_model_and_the_top_level(tmp_path: Path) -> None:
+    text = """\
+    merge_method: linear
+    slices:
+      - sources:
+          - {model: a, layer_range: [0, 2], parameters: {weight: 2.0}}
+          - {model: b, layer_range: [0, 2]}
+        parameters: {weight: 0.25}
+      - sources:
+          - {model: a, layer_range: [2, 4]}
+          - {model: b, layer_range: [2, 4]}
+    parameters: {weight: 1.5, normalize: false}
+    """
+    recipe = load_recipe(write(tmp_path, text))
+    first, second = recipe.slice_specs()
+    assert [p.weight for p in recipe.tensor_parameters("w", 0.0, first).models] == [2.0, 0.25]
+    assert [p.weight for p in recipe.tensor_parameters("w", 0.0, second).models] == [1.5, 1.5]
+    assert recipe.model_urls == ["a", "b"] and first.first_layers == (0, 0) and second.first_layers == (2, 2)
+
+
+def test_a_gradient_keeps_boolean_anchors_discrete(tmp_path: Path) -> None:
+    text = "merge_method: model_stock\nbase_model: b\nmodels: [{model: x}, {model: y}]\nparameters: {filter_wise: [false, true]}\n"
+    recipe = load_recipe(write(tmp_path, text))
+    assert recipe.tensor_parameters("w", 0.4).method.filter_wise is False
+    assert recipe.tensor_parameters("w", 1.0).method.filter_wise is True

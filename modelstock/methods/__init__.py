@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from modelstock.methods import dare, linear, model_stock, nearswap, slerp, task_arithmetic, ties  # noqa: F401  (registration)
+from modelstock.methods import (  # noqa: F401  (registration)
+    dare,
+    linear,
+    model_stock,
+    nearswap,
+    passthrough,
+    slerp,
+    task_arithmetic,
+    ties,
+)
 from modelstock.methods.base import (
     BaseBlock,
     Finalized,

@@ -1,0 +1,140 @@
+"""Recipe parameter values as mergekit writes them, resolved for one tensor.
+
+A value is a scalar, a *gradient* (a list of numbers interpolated over the layer's position
+``t`` in [0, 1]: evenly spaced anchors, linear in between; a list of booleans or strings picks
+the anchor at ``int(t * (len - 1))``), or a conditional list ``[{filter: self_attn, value: ...},
+{value: ...}]`` whose first entry with a matching filter (a substring of the tensor name, or no
+filter, or ``*``) applies; its value may itself be a gradient.
+
+Values are looked up in scopes from the most specific (a model's own parameters) to the least
+(the recipe's top-level ``parameters``); a scope whose value does not apply to the tensor (no
+filter matches) passes on to the next, as in mergekit. Values are then validated against the
+method's typed parameter dataclasses, strictly (YAML's ``yes`` is a boolean, ``"1"`` is not a
+number; integers are accepted where floats are expected).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Iterable, Mapping
+from functools import lru_cache
+from typing import Any, Union
+
+import pydantic
+from pydantic import BaseModel, ConfigDict
+
+from modelstock.errors import InvalidRecipe
+from modelstock.methods.base import MergeMethod, recipe_name
+
+Scalar = Union[bool, int, float, str]
+Gradient = list[Scalar]
+
+
+class ConditionalValue(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    filter: str | None = None
+    value: Union[Scalar, Gradient]
+
+
+ParameterValue = Union[Scalar, Gradient, ConditionalValue, list[ConditionalValue]]
+Scope = Mapping[str, ParameterValue]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def interpolate(gradient: Gradient, t: float) -> Scalar:
+    """The gradient's value at position ``t`` in [0, 1] (mergekit's rule)."""
+    if not all(_is_number(v) for v in gradient):
+        return gradient[int(t * (len(gradient) - 1))]
+    scaled = t * (len(gradient) - 1)
+    low = int(scaled)
+    high = min(len(gradient) - 1, low + 1)
+    fraction = scaled - low
+    return (1 - fraction) * float(gradient[low]) + fraction * float(gradient[high])
+
+
+def value_for(value: ParameterValue, tensor: str, t: float) -> Scalar | None:
+    """The scalar a value takes for one tensor at layer position ``t``; None if no filter matches."""
+    if isinstance(value, ConditionalValue):
+        value = [value]
+    if isinstance(value, list) and value and isinstance(value[0], ConditionalValue):
+        for option in value:
+            assert isinstance(option, ConditionalValue)
+            if option.filter is None or option.filter == "*" or option.filter in tensor:  # '*': as mergekit
+                return value_for(option.value, tensor, t)
+        return None
+    if isinstance(value, list):
+        return interpolate(value, t) if value else None  # type: ignore[arg-type]
+    return value  # type: ignore[return-value]
+
+
+def resolve(name: str, scopes: Iterable[Scope], tensor: str, t: float) -> Scalar | None:
+    """The first scope's value for ``name`` that applies to the tensor."""
+    for scope in scopes:
+        if name in scope:
+            resolved = value_for(scope[name], tensor, t)
+            if resolved is not None:
+                return resolved
+    return None
+
+
+def scalars_of(value: ParameterValue) -> list[Scalar]:
+    """Every scalar a value can take (to type-check a recipe once, before any tensor)."""
+    if isinstance(value, ConditionalValue):
+        return scalars_of(value.value)
+    if isinstance(value, list):
+        return [s for item in value for s in (scalars_of(item) if isinstance(item, ConditionalValue) else [item])]
+    return [value]
+
+
+@lru_cache(maxsize=256)
+def field_adapters(kind: type) -> dict[str, tuple[str, pydantic.TypeAdapter[Any]]]:
+    """Recipe name -> (dataclass field name, validator)."""
+    hints = typing.get_type_hints(kind)
+    return {recipe_name(f): (f.name, pydantic.TypeAdapter(hints[f.name])) for f in dataclasses.fields(kind)}
+
+
+def required_names(kind: type) -> list[str]:
+    return [
+        recipe_name(f)
+        for f in dataclasses.fields(kind)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+
+
+def validate_value(kind: type, name: str, value: Any) -> Any:
+    # Strict: YAML's `yes`/"1" must not silently become True/1.0; ints are accepted as floats.
+    return field_adapters(kind)[name][1].validate_python(value, strict=True)
+
+
+@lru_cache(maxsize=4096)
+def _instantiate_cached(kind: type, frozen: tuple[tuple[str, Any], ...]) -> Any:
+    adapters = field_adapters(kind)
+    return kind(**{adapters[name][0]: validate_value(kind, name, value) for name, (_, value) in frozen})
+
+
+def instantiate(kind: type, values: Mapping[str, Any], where: str, tensor: str) -> Any:
+    """The parameter dataclass ``kind`` from resolved values (missing ones take their defaults)."""
+    missing = [name for name in required_names(kind) if values.get(name) is None]
+    if missing:
+        raise InvalidRecipe(f"{where}: missing required parameter {missing[0]!r} for tensor {tensor!r}")
+    # The type name keeps 1 and 1.0 (and True) apart in the cache key.
+    frozen = tuple(sorted((k, (type(v).__name__, v)) for k, v in values.items() if v is not None))
+    try:
+        return _instantiate_cached(kind, frozen)
+    except pydantic.ValidationError as exc:
+        raise InvalidRecipe(f"{where}: a parameter for tensor {tensor!r}: {exc.errors()[0]['msg']}") from None
+
+
+def check_types(method: MergeMethod[Any, Any], name: str, value: ParameterValue, where: str) -> None:
+    """Every scalar a value can take has the parameter's type (gradients: every anchor)."""
+    method_names, _ = method.parameter_names()
+    kind = method.parameters if name in method_names else method.model_parameters
+    for scalar in scalars_of(value):
+        try:
+            validate_value(kind, name, scalar)
+        except pydantic.ValidationError as exc:
+            raise ValueError(f"{where}: parameter {name!r}: {exc.errors()[0]['msg']}, got {scalar!r}") from None
