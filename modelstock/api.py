@@ -16,6 +16,7 @@ from modelstock.engine import merge_in_memory
 from modelstock.errors import InvalidRecipe
 from modelstock.methods.base import TensorStats
 from modelstock.planner import CatalogEntry, ModelCatalog, plan_tensors
+from modelstock.quantization import BlockFP8
 from modelstock.recipe import parse_recipe, recipe_models
 
 StateDict = Mapping[str, torch.Tensor]
@@ -29,10 +30,12 @@ def merge_state_dicts(
     model_parameters: Sequence[Mapping[str, Any]] | None = None,
     out_dtype: torch.dtype | None = None,
     exclude: Sequence[str] = (),
+    quantization: BlockFP8 | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[TensorStats]]:
     """Merge state dicts with a registered method; returns the merged dict and per-tensor stats.
 
-    Example: ``merge_state_dicts("model_stock", [ft1, ft2], base=w0)``.
+    Example: ``merge_state_dicts("model_stock", [ft1, ft2], base=w0)``. With ``quantization``
+    (block-FP8 state dicts: codes plus ``*_scale_inv`` block scales), weights are dequantized.
     """
     labels = [f"models[{i}]" for i in range(len(models))]
     recipe = parse_recipe(
@@ -51,23 +54,25 @@ def merge_state_dicts(
     )
     states = {"base": base} if base is not None else {}
     states.update(zip(labels, models))
-    plan = plan_tensors(recipe, {label: _catalog(label, state) for label, state in states.items()})
+    plan = plan_tensors(recipe, {label: _catalog(label, state, quantization) for label, state in states.items()})
     inputs = [states[url] for url in recipe_models(recipe)]
     merged: dict[str, torch.Tensor] = {}
     stats: list[TensorStats] = []
     for job in plan.jobs:
-        tensor, tensor_stats = merge_in_memory(job, [inputs[i.model][i.tensor] for i in job.inputs])
+        tensors = [inputs[i.model][i.tensor] for i in job.inputs]
+        tensors += [inputs[i.model][i.scale] for i in job.inputs if i.scale is not None]
+        tensor, tensor_stats = merge_in_memory(job, tensors)
         merged[job.name] = tensor
         stats.append(tensor_stats)
     return merged, stats
 
 
-def _catalog(label: str, state: StateDict) -> ModelCatalog:
+def _catalog(label: str, state: StateDict, quantization: BlockFP8 | None) -> ModelCatalog:
     try:
         entries = {name: CatalogEntry(from_torch(t.dtype), tuple(t.shape), label) for name, t in state.items()}
     except ValueError as exc:
         raise InvalidRecipe(f"{label}: {exc}") from None
-    return ModelCatalog(label, entries)
+    return ModelCatalog(label, entries, quantization)
 
 
 def _recipe_dtype_name(dtype: torch.dtype) -> str:

@@ -30,8 +30,10 @@ MIN_CHUNK_BYTES = 8 * 1024 * 1024
 RowRange = tuple[int, int]
 
 
-def block_rows(cols: int) -> int:
-    return max(1, BLOCK_ELEMENTS // max(cols, 1))
+def block_rows(cols: int, multiple: int = 1) -> int:
+    """Rows per block: about ``BLOCK_ELEMENTS`` elements, a multiple of ``multiple`` rows."""
+    rows = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    return max(multiple, rows // multiple * multiple)
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ class ChunkPlan:
 def plan_chunks(job: TensorJob, memory_budget: int, *, passes: int) -> ChunkPlan:
     """The chunk plan of ``job`` when its inputs may hold ``memory_budget`` bytes at once."""
     rows, per_row = job.rows, job.input_bytes_per_row
-    step = block_rows(job.cols)
+    step = block_rows(job.cols, job.row_multiple)
     if rows * per_row <= memory_budget or rows <= step:
         return ChunkPlan(rows, step, ((0, rows),), 1, passes, per_row)
     chunk_bytes = max(MIN_CHUNK_BYTES, memory_budget // CHUNKS_PER_BUDGET)

@@ -32,6 +32,7 @@ from modelstock.methods.base import (
     compute_dtype_for,
 )
 from modelstock.methods.registry import get_method
+from modelstock.quantization import dequantize
 
 T = TypeVar("T")
 
@@ -88,10 +89,23 @@ def chunk_plan_for(job: TensorJob, memory_budget: int) -> ChunkPlan:
     return plan_chunks(job, memory_budget, passes=1 + len(get_method(job.method).passes(job.params)))
 
 
-def make_block(job: TensorJob, chunk: LoadedChunk, start: int, stop: int) -> ModelsBlock:
-    """Rows ``[start, stop)`` (absolute) of a loaded chunk as the block type the method expects."""
+def input_rows(job: TensorJob, chunk: LoadedChunk, start: int, stop: int, compute: torch.dtype) -> list[torch.Tensor]:
+    """Rows ``[start, stop)`` (absolute) of every input of a loaded chunk; block-quantized inputs
+    dequantized to ``compute`` with their scales (which follow the inputs in the chunk)."""
     lo, hi = start - chunk.row_start, stop - chunk.row_start
-    rows = [tensor[lo:hi] for tensor in chunk.tensors]
+    count = len(job.inputs)
+    rows = [tensor[lo:hi] for tensor in chunk.tensors[:count]]
+    for scales, index in zip(chunk.tensors[count:], job.scaled_inputs):
+        block = job.inputs[index].block
+        assert block is not None
+        first = start // block[0] - chunk.row_start // block[0]
+        rows[index] = dequantize(rows[index], scales[first:], block, start, compute)
+    return rows
+
+
+def make_block(job: TensorJob, chunk: LoadedChunk, start: int, stop: int, compute: torch.dtype) -> ModelsBlock:
+    """Rows ``[start, stop)`` (absolute) of a loaded chunk as the block type the method expects."""
+    rows = input_rows(job, chunk, start, stop, compute)
     if job.has_base:
         return BaseBlock(job.name, job.shape, start, stop, models=rows[1:], base=rows[0])
     return ModelsBlock(job.name, job.shape, start, stop, models=rows)
@@ -130,7 +144,7 @@ def copy_tensor(job: TensorJob, plan: ChunkPlan, read: ChunkReader) -> Iterator[
     out = to_torch(job.out_dtype)
     for start, stop in plan.chunks:
         chunk = read(start, stop)
-        source = chunk.tensors[0]
+        source = input_rows(job, chunk, start, stop, compute_dtype_for(out))[0]
         copied = source.to(out)
         if copied.is_floating_point() and not bool(torch.isfinite(copied).all()):
             chunk.release()
@@ -186,7 +200,7 @@ def reduce_tensor(
     for chunk in chunks.each(last_pass=False):
 
         def reduce_block(rows: RowRange, chunk: LoadedChunk = chunk) -> torch.Tensor:
-            block = make_block(job, chunk, *rows)
+            block = make_block(job, chunk, *rows, compute)
             partial = reduction.reduce(block, per_block(coefficients, per_row, rows), params, compute)
             return partial if rows_scope else partial.sum(dim=0, keepdim=True)
 
@@ -227,7 +241,7 @@ def blend_tensor(
     for chunk in chunks.each(last_pass=True):
 
         def blend_block(rows: RowRange, chunk: LoadedChunk = chunk) -> torch.Tensor | None:
-            block = make_block(job, chunk, *rows)
+            block = make_block(job, chunk, *rows, compute)
             merged = method.blend(block, per_block(coefficients, per_row, rows), params, compute).to(out)
             if check_finite and not bool(torch.isfinite(merged).all()):
                 return None  # reported below, in block order
@@ -279,12 +293,16 @@ def merge_tensor(
 def merge_in_memory(
     job: TensorJob, inputs: Sequence[torch.Tensor], memory_budget: int = 1 << 62
 ) -> tuple[torch.Tensor, TensorStats]:
-    """Merge one tensor whose inputs (in ``job.inputs`` order) are in memory: the Python API's path."""
+    """Merge one tensor whose inputs (in ``job.inputs`` order, then the scales of its block-quantized
+    inputs) are in memory: the Python API's path."""
     rows, cols = job.rows, job.cols
-    views = [tensor.detach().reshape(rows, cols) for tensor in inputs]
+    count = len(job.inputs)
+    views = [tensor.detach().reshape(rows, cols) for tensor in inputs[:count]]
+    scales = [(tensor.detach(), job.inputs[i].block) for tensor, i in zip(inputs[count:], job.scaled_inputs)]
 
     def read(start: int, stop: int) -> LoadedChunk:
-        return LoadedChunk(start, stop, [view[start:stop] for view in views])
+        scale_rows = [s[start // b[0] : -(-stop // b[0])] for s, b in scales if b is not None]
+        return LoadedChunk(start, stop, [view[start:stop] for view in views] + scale_rows)
 
     plan = chunk_plan_for(job, memory_budget)
     stats, blocks = merge_tensor(job, plan, read)

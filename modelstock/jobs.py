@@ -6,6 +6,7 @@ inputs' tensor catalogs; the engine merges it; the shard writer streams it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,9 @@ class TensorInput:
     tensor: str
     dtype: str
     label: str
+    # Block-quantized codes: the tensor of their scales and the (rows, cols) each scale covers.
+    scale: str | None = None
+    block: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,20 @@ class TensorJob:
     @property
     def input_bytes_per_row(self) -> int:
         return max(1, self.cols * sum(dtype_bits(i.dtype) for i in self.inputs) // 8)
+
+    @property
+    def scaled_inputs(self) -> tuple[int, ...]:
+        """Positions of the inputs stored as block-quantized codes (their scales follow the inputs)."""
+        return tuple(index for index, source in enumerate(self.inputs) if source.scale is not None)
+
+    @property
+    def row_multiple(self) -> int:
+        """Blocks and chunks start at multiples of this many rows (whole quantization blocks)."""
+        multiple = 1
+        for source in self.inputs:
+            if source.block is not None:
+                multiple = math.lcm(multiple, source.block[0])
+        return multiple
 
     @property
     def input_nbytes(self) -> int:

@@ -187,6 +187,8 @@ def output_config(raw: bytes, out_dtype_name: str, layers: int | None, source: s
     keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
     for key in keys:
         config[key] = out_dtype_name
+    # The merge writes unquantized weights (block-FP8 inputs are dequantized).
+    config.pop("quantization_config", None)
     if layers is not None:
         for holder in (config, config.get("text_config")):
             if isinstance(holder, dict) and "num_hidden_layers" in holder:

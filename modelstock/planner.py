@@ -22,6 +22,7 @@ from modelstock.checkpoint.reader import Checkpoint
 from modelstock.dtypes import element_count, is_float
 from modelstock.errors import IncompatibleModels, InvalidCheckpoint, InvalidRecipe
 from modelstock.jobs import TensorInput, TensorJob
+from modelstock.quantization import DEQUANTIZED_DTYPE, FP8_CODES, SCALE_SUFFIX, BlockFP8, check_scales
 from modelstock.recipe import MergeRecipe, SliceSpec, recipe_models
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,26 @@ class CatalogEntry:
 
 @dataclass(frozen=True)
 class ModelCatalog:
-    """The tensors of one input model, by name."""
+    """The tensors of one input model, by name, and how its weights are quantized (if they are)."""
 
     label: str
     tensors: Mapping[str, CatalogEntry]
+    quantization: BlockFP8 | None = None
+
+    def __post_init__(self) -> None:
+        check_scales(self.label, {n: (e.dtype, e.shape) for n, e in self.tensors.items()}, self.quantization)
+
+    def is_scale(self, name: str) -> bool:
+        """Block scales are part of their weight, not tensors of their own."""
+        return (self.quantization is not None and name.endswith(SCALE_SUFFIX)
+                and name.removesuffix(SCALE_SUFFIX) in self.tensors)
+
+    def source(self, model: int, name: str) -> TensorInput:
+        entry = self.tensors[name]
+        if self.quantization is not None and entry.dtype in FP8_CODES:
+            return TensorInput(model, name, entry.dtype, entry.label, self.quantization.scale_of(name),
+                               self.quantization.block)
+        return TensorInput(model, name, entry.dtype, entry.label)
 
 
 @dataclass(frozen=True)
@@ -57,10 +74,11 @@ class TensorPlan:
     ignored: list[str] = field(default_factory=list)  # tensors of some inputs that the output does not have
 
 
-def catalog_of(checkpoint: Checkpoint) -> ModelCatalog:
+def catalog_of(checkpoint: Checkpoint, quantization: BlockFP8 | None = None) -> ModelCatalog:
     return ModelCatalog(
         checkpoint.url,
         {name: CatalogEntry(loc.entry.dtype, loc.entry.shape, loc.file.url) for name, loc in checkpoint.tensors.items()},
+        quantization,
     )
 
 
@@ -132,6 +150,8 @@ class _Planner:
         base = self.input_index(spec.base_model) if spec.base_model and self.method.needs_base else None
         planned = []
         for name in self.reference.tensors:
+            if self.reference.is_scale(name):
+                continue
             found = layer_of(name)
             t = position(found[1], counts[found[0]]) if found else 0.0
             models = tuple((self.input_index(url), name) for url in spec.models)
@@ -160,7 +180,7 @@ class _Planner:
             offset += spec.layers
         for name in self.reference.tensors:
             found = layer_of(name)
-            if found and found[0] == stack:
+            if (found and found[0] == stack) or self.reference.is_scale(name):
                 continue
             spec = self.specs[0] if EMBEDDING_NAME.search(name) else self.specs[-1]
             base = self.input_index(spec.base_model) if spec.base_model and self.method.needs_base else None
@@ -168,25 +188,31 @@ class _Planner:
             planned.append(_Planned(name, spec, (base, name) if base is not None else None, models, 0.0))
         return planned, offset
 
-    def entry(self, source: tuple[int, str], wanted: str) -> tuple[CatalogEntry, str]:
-        """The catalog entry of an input tensor (a tied lm_head falls back to the embedding)."""
+    def entry(self, source: tuple[int, str], wanted: str) -> tuple[CatalogEntry, TensorInput]:
+        """An input tensor: its catalog entry and how to read it (a tied lm_head falls back to the embedding)."""
         model, name = source
         catalog = self.catalogs[model]
-        if name in catalog.tensors:
-            return catalog.tensors[name], name
-        if name == TIED_HEAD and TIED_EMBEDDING in catalog.tensors:
-            return catalog.tensors[TIED_EMBEDDING], TIED_EMBEDDING
-        raise IncompatibleModels(f"{catalog.label}: tensor {name!r} is missing (needed for output tensor {wanted!r})")
+        if name not in catalog.tensors and name == TIED_HEAD and TIED_EMBEDDING in catalog.tensors:
+            name = TIED_EMBEDDING
+        if name not in catalog.tensors:
+            raise IncompatibleModels(f"{catalog.label}: tensor {name!r} is missing (needed for output tensor {wanted!r})")
+        return catalog.tensors[name], catalog.source(model, name)
 
 
-def _check_same_shape(name: str, entries: Sequence[tuple[CatalogEntry, str]]) -> None:
-    first, first_name = entries[0]
-    for entry, tensor in entries[1:]:
+def _check_same_shape(name: str, entries: Sequence[tuple[CatalogEntry, TensorInput]]) -> None:
+    first, _ = entries[0]
+    for entry, source in entries[1:]:
+        tensor = source.tensor
         if entry.shape != first.shape:
             raise IncompatibleModels(
                 f"{entry.label}: tensor {tensor!r} has shape {list(entry.shape)} but {first.label} has {list(first.shape)}"
                 + (f" (output tensor {name!r})" if tensor != name else "")
             )
+
+
+def _stored_dtype(source: TensorInput) -> str:
+    """The output dtype a tensor keeps by default: its own, or bfloat16 for dequantized codes."""
+    return DEQUANTIZED_DTYPE if source.scale is not None else source.dtype
 
 
 def plan_tensors(recipe: MergeRecipe, catalogs: Mapping[str, ModelCatalog]) -> TensorPlan:
@@ -206,35 +232,33 @@ def plan_tensors(recipe: MergeRecipe, catalogs: Mapping[str, ModelCatalog]) -> T
         reference, _ = entries[0]
         if element_count(reference.shape) == 0:
             raise InvalidCheckpoint(f"{reference.label}: tensor {item.name!r} has zero elements {list(reference.shape)}; nothing to merge")
-        inputs = tuple(
-            TensorInput(model, tensor, entry.dtype, entry.label) for (model, _), (entry, tensor) in zip(sources, entries)
-        )
+        inputs = tuple(source for _, source in entries)
+        tied = any(source.tensor != name for (_, name), (_, source) in zip(sources, entries) if name == TIED_HEAD)
         if is_float(reference.dtype):
-            for entry, tensor in entries[1:]:
+            for entry, source in entries[1:]:
+                tensor = source.tensor
                 if not is_float(entry.dtype):
                     raise IncompatibleModels(
                         f"{entry.label}: tensor {tensor!r} is {entry.dtype} but {reference.label} has {reference.dtype}; "
                         "only floating-point dtypes can be mixed"
                     )
-        tied = any(tensor != name for (_, name), (_, tensor) in zip(sources, entries) if name == TIED_HEAD)
         flags = ("tied_lm_head",) if tied else ()
         if recipe.is_excluded(item.name) or not all(is_float(i.dtype) for i in inputs):
             # Copied as it is from the slice's base model (whatever the method), else its first model.
             why = "excluded" if recipe.is_excluded(item.name) else "not_floating_point"
             origin = (planner.input_index(item.spec.base_model), sources[0][1]) if item.spec.base_model else sources[0]
-            entry, tensor = planner.entry(origin, item.name)
-            out = recipe.output_dtype if recipe.output_dtype and is_float(entry.dtype) else entry.dtype
-            copied = TensorInput(origin[0], tensor, entry.dtype, entry.label)
+            entry, copied = planner.entry(origin, item.name)
+            out = recipe.output_dtype if recipe.output_dtype and is_float(entry.dtype) else _stored_dtype(copied)
             jobs.append(TensorJob(item.name, entry.shape, out, None, None, (copied,), False, (why, *flags)))
             continue
         params = recipe.tensor_parameters(item.name, item.t, item.spec)
         if method.validate is not None:
             method.validate(params, item.name)
         jobs.append(TensorJob(
-            item.name, reference.shape, recipe.output_dtype or reference.dtype, method.name, params, inputs,
+            item.name, reference.shape, recipe.output_dtype or _stored_dtype(inputs[0]), method.name, params, inputs,
             item.base is not None, flags,
         ))
-    used = {(i.model, i.tensor) for job in jobs for i in job.inputs}
+    used = {(i.model, name) for job in jobs for i in job.inputs for name in (i.tensor, i.scale) if name}
     ignored = sorted(
         {f"{catalog.label}: {name}" for index, catalog in enumerate(planner.catalogs) for name in catalog.tensors
          if (index, name) not in used and catalog is not planner.reference and recipe.slices is None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modelstock.checkpoint.reader import TensorLocation
+from modelstock.checkpoint.reader import Checkpoint, TensorLocation
 from modelstock.checkpoint.writer import ShardWriter, TensorSpec, WrittenShard
 from modelstock.chunks import ChunkPlan
 from modelstock.dtypes import tensor_nbytes
@@ -34,10 +34,12 @@ from modelstock.storage import Location
 
 @dataclass(frozen=True)
 class ShardTensor:
-    """A tensor job with the locations of its inputs (same order as ``job.inputs``)."""
+    """A tensor job with the locations of its inputs (same order as ``job.inputs``), and of the
+    block scales of its block-quantized inputs (in the same order)."""
 
     job: TensorJob
     locations: tuple[TensorLocation, ...]
+    scales: tuple[TensorLocation, ...] = ()
 
     @property
     def out_nbytes(self) -> int:
@@ -45,7 +47,16 @@ class ShardTensor:
 
     @property
     def input_nbytes(self) -> int:
-        return sum(loc.entry.nbytes for loc in self.locations)
+        return sum(loc.entry.nbytes for loc in (*self.locations, *self.scales))
+
+
+def shard_tensor(job: TensorJob, checkpoints: Sequence[Checkpoint]) -> ShardTensor:
+    """The job with its inputs located in the opened checkpoints (indexed as ``job.inputs`` says)."""
+    return ShardTensor(
+        job,
+        tuple(checkpoints[source.model].tensors[source.tensor] for source in job.inputs),
+        tuple(checkpoints[source.model].tensors[source.scale] for source in job.inputs if source.scale is not None),
+    )
 
 
 @dataclass(frozen=True)
@@ -56,8 +67,18 @@ class MergedShard:
 
 
 def chunk_read(tensor: ShardTensor, key: ChunkKey) -> ChunkRead:
-    """What rows ``key[1]:key[2]`` of ``tensor`` read from its inputs."""
-    return ChunkRead.same_rows(key, tensor.locations)
+    """What rows ``key[1]:key[2]`` of ``tensor`` read from its inputs: the same rows of each, and for
+    block-quantized inputs the rows of scales that cover them."""
+    if not tensor.scales:
+        return ChunkRead.same_rows(key, tensor.locations)
+    start, stop = key[1], key[2]
+    scale_rows = []
+    for index in tensor.job.scaled_inputs:
+        block = tensor.job.inputs[index].block
+        assert block is not None
+        scale_rows.append((start // block[0], -(-stop // block[0])))
+    rows = ((start, stop),) * len(tensor.locations) + tuple(scale_rows)
+    return ChunkRead(key, (*tensor.locations, *tensor.scales), rows)
 
 
 def merge_into_shard(

@@ -19,6 +19,7 @@ import ray
 from tqdm import tqdm
 
 from modelstock import storage
+from modelstock.checkpoint.model_config import read_model_config
 from modelstock.checkpoint.reader import Checkpoint, open_checkpoint
 from modelstock.dtypes import CONFIG_DTYPE_NAMES
 from modelstock.errors import InputError, OutputConflict, StorageError
@@ -49,7 +50,8 @@ from modelstock.output import (
 from modelstock.planner import TensorPlan, catalog_of, plan_tensors
 from modelstock.recipe import MergeRecipe, recipe_models
 from modelstock.report import report_bytes, report_json, report_png
-from modelstock.shard import ShardTensor
+from modelstock.quantization import BlockFP8, quantization_of
+from modelstock.shard import ShardTensor, shard_tensor
 from modelstock.storage import Location
 from pipeline.plan import MergePlan, input_fingerprints, plan_shards
 from pipeline.ray_results import result_of
@@ -99,11 +101,17 @@ class MergeResult:
         return [s.file for s in self.shards if s.resumed]
 
 
-def open_inputs(recipe: MergeRecipe, storage_options: Mapping[str, Any]) -> list[Checkpoint]:
-    """Headers of every input, read concurrently, in the merge's input order (``recipe_models``)."""
+def open_inputs(recipe: MergeRecipe, storage_options: Mapping[str, Any]) -> list[tuple[Checkpoint, BlockFP8 | None]]:
+    """Headers and quantization of every input, read concurrently, in the merge's input order
+    (``recipe_models``)."""
+
+    def open_one(url: str) -> tuple[Checkpoint, BlockFP8 | None]:
+        checkpoint = open_checkpoint(url, storage_options)
+        return checkpoint, quantization_of(read_model_config(url, storage_options), checkpoint.url)
+
     urls = list(recipe_models(recipe))
     with ThreadPoolExecutor(max_workers=min(8, len(urls))) as pool:
-        return list(pool.map(lambda url: open_checkpoint(url, storage_options), urls))
+        return list(pool.map(open_one, urls))
 
 
 @dataclass(frozen=True)
@@ -124,12 +132,11 @@ class PreparedMerge:
 
 def plan_merge(request: MergeRequest) -> tuple[MergePlan, TensorPlan, list[Checkpoint]]:
     recipe = request.recipe
-    checkpoints = open_inputs(recipe, request.storage_options)
-    tensor_plan = plan_tensors(recipe, {url: catalog_of(c) for url, c in zip(recipe_models(recipe), checkpoints)})
-    tensors = [
-        ShardTensor(job, tuple(checkpoints[source.model].tensors[source.tensor] for source in job.inputs))
-        for job in tensor_plan.jobs
-    ]
+    opened = open_inputs(recipe, request.storage_options)
+    checkpoints = [checkpoint for checkpoint, _ in opened]
+    catalogs = {url: catalog_of(c, quantization) for url, (c, quantization) in zip(recipe_models(recipe), opened)}
+    tensor_plan = plan_tensors(recipe, catalogs)
+    tensors = [shard_tensor(job, checkpoints) for job in tensor_plan.jobs]
     return plan_shards(tensors, request.shard_size, checkpoints), tensor_plan, checkpoints
 
 

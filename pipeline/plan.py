@@ -71,7 +71,7 @@ def _job_description(tensor: ShardTensor, fingerprints: dict[str, dict[str, obje
         "inputs": [
             {"file": loc.file.url, "start": loc.entry.start, "end": loc.entry.end, "dtype": loc.entry.dtype,
              "fingerprint": fingerprints[loc.file.url]}
-            for loc in tensor.locations
+            for loc in (*tensor.locations, *tensor.scales)
         ],
     }
 
