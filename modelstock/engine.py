@@ -111,6 +111,43 @@ def make_block(job: TensorJob, chunk: LoadedChunk, start: int, stop: int, comput
     return ModelsBlock(job.name, job.shape, start, stop, models=rows)
 
 
+class TokenRows:
+    """Reads a token-indexed tensor onto the output vocabulary (``job.vocabulary``): the wrapped
+    reader returns, for each input, the rows ``VocabularyMap.span`` names; this one returns the output's rows.
+
+    Padding rows are each input's mean vocabulary row. Vocabulary rows come before them, so the
+    first pass over the chunks (in order) sums them, block by block in block order (the same
+    arithmetic whatever the chunking), before it reaches the padding."""
+
+    def __init__(self, job: TensorJob, read: ChunkReader, block_rows: int, dtype: torch.dtype) -> None:
+        assert job.vocabulary is not None
+        self.map, self.read, self.block_rows, self.dtype = job.vocabulary, read, block_rows, dtype
+        self.count = len(job.inputs)
+        self._sums: torch.Tensor | None = None
+        self._summed_to = 0
+        self._pad: torch.Tensor | None = None
+
+    def __call__(self, start: int, stop: int) -> LoadedChunk:
+        gathered = self.read(start, stop)
+        spans = [self.map.span(i, start, stop) for i in range(self.count)]
+        rows = torch.stack(self.map.assemble(gathered.tensors, spans, start, stop, self.dtype, self._pad))
+        gathered.release()
+        vocabulary = self.map.vocabulary
+        for block in range(start, min(stop, vocabulary), self.block_rows):
+            if block != self._summed_to:
+                continue  # a later pass, or out of order: summed already
+            end = min(block + self.block_rows, vocabulary)
+            part = rows[:, block - start : end - start].sum(dim=1, dtype=torch.float64)
+            self._sums = part if self._sums is None else self._sums + part
+            self._summed_to = end
+        if stop > vocabulary and self._pad is None:
+            if self._summed_to < vocabulary or self._sums is None:
+                raise RuntimeError("padding rows read before every vocabulary row was summed")
+            self._pad = self._sums / vocabulary
+            rows[:, max(vocabulary, start) - start :] = self._pad.to(self.dtype).unsqueeze(1)
+        return LoadedChunk(start, stop, list(rows))
+
+
 def _on_device(chunk: LoadedChunk, device: torch.device | None) -> LoadedChunk:
     if device is None or device.type == "cpu":
         return chunk
@@ -270,10 +307,13 @@ def merge_tensor(
     if plan.reread_bytes:
         stats.values["reread_bytes"] = plan.reread_bytes
         stats.flags.append("reread")
+    compute = compute_dtype_for(to_torch(job.out_dtype))
+    if job.vocabulary is not None:
+        stats.values["vocabulary"] = {"tokens": job.vocabulary.vocabulary, "rows": job.rows}
+        read = TokenRows(job, read, plan.block_rows, compute)
     if job.method is None or job.params is None:
         return stats, copy_tensor(job, plan, read)
     method = get_method(job.method)
-    compute = compute_dtype_for(to_torch(job.out_dtype))
     chunks = TensorChunks(plan, read, device)
     coefficients: Coefficients = {}
     per_row: set[str] = set()
@@ -297,10 +337,13 @@ def merge_in_memory(
     inputs) are in memory: the Python API's path."""
     rows, cols = job.rows, job.cols
     count = len(job.inputs)
-    views = [tensor.detach().reshape(rows, cols) for tensor in inputs[:count]]
+    views = [] if job.vocabulary is not None else [tensor.detach().reshape(rows, cols) for tensor in inputs[:count]]
     scales = [(tensor.detach(), job.inputs[i].block) for tensor, i in zip(inputs[count:], job.scaled_inputs)]
 
     def read(start: int, stop: int) -> LoadedChunk:
+        if job.vocabulary is not None:  # each input's rows that the output rows use
+            spans = [job.vocabulary.span(i, start, stop) for i in range(count)]
+            return LoadedChunk(start, stop, [tensor.detach()[a:b] for tensor, (a, b) in zip(inputs, spans)])
         scale_rows = [s[start // b[0] : -(-stop // b[0])] for s, b in scales if b is not None]
         return LoadedChunk(start, stop, [view[start:stop] for view in views] + scale_rows)
 

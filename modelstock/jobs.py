@@ -12,6 +12,7 @@ from typing import Any
 
 from modelstock.dtypes import dtype_bits, element_count, row_view, tensor_nbytes
 from modelstock.methods.base import TensorParameters
+from modelstock.vocabulary import VocabularyMap
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class TensorJob:
     inputs: tuple[TensorInput, ...]
     has_base: bool
     flags: tuple[str, ...] = field(default_factory=tuple)
+    # Token-indexed tensors of inputs with different vocabularies: how each input's rows become the
+    # output's (modelstock.vocabulary); None when every input's rows are the output's.
+    vocabulary: VocabularyMap | None = None
 
     @property
     def rows(self) -> int:

@@ -175,9 +175,9 @@ def index_json(shards: Sequence[tuple[str, Sequence[str]]], total_size: int) -> 
     ).encode()
 
 
-def output_config(raw: bytes, out_dtype_name: str, layers: int | None, source: str) -> bytes:
+def output_config(raw: bytes, out_dtype_name: str, layers: int | None, source: str, vocab_size: int | None = None) -> bytes:
     """config.json of the output: the output dtype recorded (as transformers and mergekit do) and,
-    when slices changed it, the number of decoder layers."""
+    when the merge changed them, the number of decoder layers and the vocabulary size."""
     try:
         config = json.loads(raw)
     except ValueError as exc:
@@ -189,6 +189,10 @@ def output_config(raw: bytes, out_dtype_name: str, layers: int | None, source: s
         config[key] = out_dtype_name
     # The merge writes unquantized weights (block-FP8 inputs are dequantized).
     config.pop("quantization_config", None)
+    if vocab_size is not None:
+        text = config.get("text_config")
+        holder = text if isinstance(text, dict) and "vocab_size" in text else config
+        holder["vocab_size"] = vocab_size
     if layers is not None:
         for holder in (config, config.get("text_config")):
             if isinstance(holder, dict) and "num_hidden_layers" in holder:

@@ -24,11 +24,14 @@ from modelstock.errors import IncompatibleModels, InvalidCheckpoint, InvalidReci
 from modelstock.jobs import TensorInput, TensorJob
 from modelstock.quantization import DEQUANTIZED_DTYPE, FP8_CODES, SCALE_SUFFIX, BlockFP8, check_scales
 from modelstock.recipe import MergeRecipe, SliceSpec, recipe_models
+from modelstock.vocabulary import VocabularyMap, VocabularyPlan
 
 log = logging.getLogger(__name__)
 
 LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer)\.)(?P<index>\d+)(?P<suffix>\..+)$")
 EMBEDDING_NAME = re.compile(r"(embed|wte|wpe|word_embeddings)")
+# Tensors whose first dimension is the vocabulary (as mergekit's architectures declare them).
+TOKEN_INDEXED_NAME = re.compile(r"(embed_tokens|lm_head|wte|word_embeddings|embed_out|tok_embeddings)\.weight$")
 TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 
 
@@ -147,7 +150,7 @@ class _Planner:
         """A ``models`` recipe: every tensor of the reference, from the same name in every input."""
         spec = self.specs[0]
         counts = layer_counts(list(self.reference.tensors))
-        base = self.input_index(spec.base_model) if spec.base_model and self.method.needs_base else None
+        base = self.input_index(spec.base_model) if spec.base_model and self.method.uses_base else None
         planned = []
         for name in self.reference.tensors:
             if self.reference.is_scale(name):
@@ -169,7 +172,7 @@ class _Planner:
         offset = 0
         for spec in self.specs:
             assert spec.layers is not None and spec.first_layers is not None and spec.base_first_layer is not None
-            base = self.input_index(spec.base_model) if spec.base_model and self.method.needs_base else None
+            base = self.input_index(spec.base_model) if spec.base_model and self.method.uses_base else None
             for k in range(spec.layers):
                 for suffix in suffixes:
                     models = tuple(
@@ -183,7 +186,7 @@ class _Planner:
             if (found and found[0] == stack) or self.reference.is_scale(name):
                 continue
             spec = self.specs[0] if EMBEDDING_NAME.search(name) else self.specs[-1]
-            base = self.input_index(spec.base_model) if spec.base_model and self.method.needs_base else None
+            base = self.input_index(spec.base_model) if spec.base_model and self.method.uses_base else None
             models = tuple((self.input_index(url), name) for url in spec.models)
             planned.append(_Planned(name, spec, (base, name) if base is not None else None, models, 0.0))
         return planned, offset
@@ -199,11 +202,12 @@ class _Planner:
         return catalog.tensors[name], catalog.source(model, name)
 
 
-def _check_same_shape(name: str, entries: Sequence[tuple[CatalogEntry, TensorInput]]) -> None:
+def _check_same_shape(name: str, entries: Sequence[tuple[CatalogEntry, TensorInput]], skip_rows: bool = False) -> None:
+    """The same shape in every input (past the first dimension only, for token-indexed tensors)."""
     first, _ = entries[0]
     for entry, source in entries[1:]:
         tensor = source.tensor
-        if entry.shape != first.shape:
+        if (entry.shape[1:] != first.shape[1:]) if skip_rows else (entry.shape != first.shape):
             raise IncompatibleModels(
                 f"{entry.label}: tensor {tensor!r} has shape {list(entry.shape)} but {first.label} has {list(first.shape)}"
                 + (f" (output tensor {name!r})" if tensor != name else "")
@@ -215,11 +219,30 @@ def _stored_dtype(source: TensorInput) -> str:
     return DEQUANTIZED_DTYPE if source.scale is not None else source.dtype
 
 
-def plan_tensors(recipe: MergeRecipe, catalogs: Mapping[str, ModelCatalog]) -> TensorPlan:
+def _token_rows(vocabulary: VocabularyPlan | None, planner: _Planner, name: str,
+                entries: Sequence[tuple[CatalogEntry, TensorInput]]) -> bool:
+    """Whether a tensor is indexed by token in every input (its rows are the inputs' vocabularies)."""
+    if vocabulary is None or not TOKEN_INDEXED_NAME.search(name):
+        return False
+    return all(len(e.shape) >= 1 and e.shape[0] == vocabulary.sizes[planner.urls[s.model]] for e, s in entries)
+
+
+def _vocabulary_of(vocabulary: VocabularyPlan, planner: _Planner, inputs: Sequence[TensorInput],
+                   base: str | None) -> VocabularyMap:
+    """The vocabulary map of a job's inputs; the base model counts as such (for default rows)
+    wherever it is among them, whatever the method does with it (as mergekit)."""
+    urls = [planner.urls[source.model] for source in inputs]
+    base_url = planner.urls[planner.input_index(base)] if base else None
+    return vocabulary.map_for(urls, base_url if base_url in urls else None)
+
+
+def plan_tensors(recipe: MergeRecipe, catalogs: Mapping[str, ModelCatalog],
+                 vocabulary: VocabularyPlan | None = None) -> TensorPlan:
     """One job per output tensor, in natural name order.
 
     ``catalogs`` holds every input by URL; inputs are numbered as :func:`recipe_models` lists
-    them (base models first, then the models in order of first appearance).
+    them (base models first, then the models in order of first appearance). With ``vocabulary``
+    (a recipe's ``tokenizer_source``), token-indexed tensors are mapped onto the output's vocabulary.
     """
     planner = _Planner(recipe, catalogs)
     method = recipe.method
@@ -228,8 +251,10 @@ def plan_tensors(recipe: MergeRecipe, catalogs: Mapping[str, ModelCatalog]) -> T
     for item in sorted(planned, key=lambda p: natural_key(p.name)):
         sources = ([item.base] if item.base is not None else []) + list(item.models)
         entries = [planner.entry(source, item.name) for source in sources]
-        _check_same_shape(item.name, entries)
+        token_rows = _token_rows(vocabulary, planner, item.name, entries)
+        _check_same_shape(item.name, entries, skip_rows=token_rows)
         reference, _ = entries[0]
+        shape = (vocabulary.padded_size, *reference.shape[1:]) if vocabulary is not None and token_rows else reference.shape
         if element_count(reference.shape) == 0:
             raise InvalidCheckpoint(f"{reference.label}: tensor {item.name!r} has zero elements {list(reference.shape)}; nothing to merge")
         inputs = tuple(source for _, source in entries)
@@ -249,14 +274,18 @@ def plan_tensors(recipe: MergeRecipe, catalogs: Mapping[str, ModelCatalog]) -> T
             origin = (planner.input_index(item.spec.base_model), sources[0][1]) if item.spec.base_model else sources[0]
             entry, copied = planner.entry(origin, item.name)
             out = recipe.output_dtype if recipe.output_dtype and is_float(entry.dtype) else _stored_dtype(copied)
-            jobs.append(TensorJob(item.name, entry.shape, out, None, None, (copied,), False, (why, *flags)))
+            mapped = (_vocabulary_of(vocabulary, planner, [copied], item.spec.base_model)
+                      if vocabulary is not None and token_rows else None)
+            jobs.append(TensorJob(item.name, shape if mapped else entry.shape, out, None, None, (copied,), False,
+                                  (why, *flags), mapped))
             continue
         params = recipe.tensor_parameters(item.name, item.t, item.spec)
         if method.validate is not None:
             method.validate(params, item.name)
+        mapped = _vocabulary_of(vocabulary, planner, inputs, item.spec.base_model) if vocabulary and token_rows else None
         jobs.append(TensorJob(
-            item.name, reference.shape, recipe.output_dtype or _stored_dtype(inputs[0]), method.name, params, inputs,
-            item.base is not None, flags,
+            item.name, shape, recipe.output_dtype or _stored_dtype(inputs[0]), method.name, params, inputs,
+            item.base is not None, flags, mapped,
         ))
     used = {(i.model, name) for job in jobs for i in job.inputs for name in (i.tensor, i.scale) if name}
     ignored = sorted(

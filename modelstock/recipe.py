@@ -30,7 +30,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 import yaml
@@ -86,6 +86,44 @@ class OutputSlice(BaseModel):
         return self
 
 
+class ModelTokenSource(BaseModel):
+    """A token's default row: a given token (by id or text) of a given model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["model_token"]
+    model: str = Field(min_length=1)
+    token_id: int | None = Field(default=None, ge=0)
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ModelTokenSource:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id and token")
+        return self
+
+
+class ZeroSource(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["zero"]
+
+
+class TokenSetting(BaseModel):
+    """Where a token's row comes from where an input lacks it (``force``: everywhere)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source: ModelTokenSource | ZeroSource | str | None = None
+    force: bool = False
+
+
+class TokenizerSettings(BaseModel):
+    """mergekit's ``tokenizer:`` block."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source: str = "union"
+    tokens: dict[str, TokenSetting] = Field(default_factory=dict)
+    pad_to_multiple_of: int | None = Field(default=None, gt=0)
+
+
 @dataclass(frozen=True)
 class SliceSpec:
     """One output slice as the planner uses it: its base, its models (base excluded when the method
@@ -115,6 +153,8 @@ class MergeRecipe(BaseModel):
     include: list[str] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=list)
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSettings | None = None
+    chat_template: str | None = None
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -123,11 +163,13 @@ class MergeRecipe(BaseModel):
             raise ValueError(f"unknown dtype {value!r} (use one of {', '.join(sorted(RECIPE_DTYPES))})")
         return value
 
-    @field_validator("tokenizer_source")
+    @field_validator("chat_template")
     @classmethod
-    def _tokenizer_source(cls, value: str | None) -> str | None:
-        if value not in (None, "base"):
-            raise ValueError("only tokenizer_source: base is supported (the tokenizer is copied from the base model)")
+    def _chat_template(cls, value: str | None) -> str | None:
+        if value is not None and value != "auto" and "{" not in value:
+            raise ValueError(
+                f"chat_template {value[:40]!r}: give 'auto' (the inputs' most common template) or a Jinja template"
+            )
         return value
 
     @model_validator(mode="before")
@@ -144,7 +186,7 @@ class MergeRecipe(BaseModel):
             method = get_method(str(data.get("merge_method")))
         except InvalidRecipe:
             return data
-        if not method.needs_base or method.refuse_base_in_models:
+        if not method.uses_base or method.refuse_base_in_models:
             return data
         base = str(data["base_model"])
         kept = [e for e in data["models"] if not (isinstance(e, dict) and _same(str(e.get("model", "")), base))]
@@ -155,6 +197,15 @@ class MergeRecipe(BaseModel):
         method = get_method(self.merge_method)
         if (self.models is None) == (self.slices is None):
             raise ValueError("give either models or slices")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give tokenizer_source or a tokenizer block, not both")
+        source = self.vocabulary_source
+        if source not in (None, "base", "union") and self.input_named(source) is None:
+            raise ValueError(f"tokenizer source {source!r} is not one of the merge's models")
+        for token, setting in (self.tokenizer.tokens if self.tokenizer else {}).items():
+            model = setting.source.model if isinstance(setting.source, ModelTokenSource) else setting.source
+            if isinstance(model, str) and self.input_named(model) is None:
+                raise ValueError(f"tokenizer.tokens: {token!r}: model {model} is not one of the merge's models")
         if self.models is not None:
             if not self.models:
                 raise ValueError("models: at least one model is needed")
@@ -162,7 +213,7 @@ class MergeRecipe(BaseModel):
             duplicates = sorted({u for u in urls if urls.count(u) > 1})
             if duplicates:
                 raise ValueError(f"model {duplicates[0]} is listed twice")
-            if method.needs_base and self.base_model and self.base_model.rstrip("/") in urls:
+            if method.uses_base and self.base_model and self.base_model.rstrip("/") in urls:
                 raise ValueError(
                     f"base_model {self.base_model} is also listed among the models; "
                     f"{self.merge_method} takes it once, as base_model"
@@ -197,7 +248,7 @@ class MergeRecipe(BaseModel):
         specs = []
         for output in self.slices or []:
             base = output.base_model or self.base_model
-            is_base = [method.needs_base and _same(s.model, base) for s in output.sources]
+            is_base = [method.uses_base and _same(s.model, base) for s in output.sources]
             models = [s for s, skip in zip(output.sources, is_base) if not skip]
             base_sources = [s for s, skip in zip(output.sources, is_base) if skip]
             specs.append(SliceSpec(
@@ -226,6 +277,17 @@ class MergeRecipe(BaseModel):
         """Every base model (slices may name their own), once each."""
         bases = [spec.base_model for spec in self.slice_specs() if spec.base_model]
         return list(dict.fromkeys(bases))
+
+    @property
+    def vocabulary_source(self) -> str | None:
+        """Where the output's tokenizer comes from: 'base', 'union', a model's URL, or None (the base's
+        tokenizer files copied, embeddings merged as they are)."""
+        source = self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
+        return source.removeprefix("model:") if source else None
+
+    def input_named(self, name: str) -> str | None:
+        """The input URL a recipe refers to by ``name`` (the same string, up to a trailing slash)."""
+        return next((url for url in recipe_models(self) if _same(url, name)), None)
 
     @property
     def output_dtype(self) -> str | None:

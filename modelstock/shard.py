@@ -69,6 +69,9 @@ class MergedShard:
 def chunk_read(tensor: ShardTensor, key: ChunkKey) -> ChunkRead:
     """What rows ``key[1]:key[2]`` of ``tensor`` read from its inputs: the same rows of each, and for
     block-quantized inputs the rows of scales that cover them."""
+    if tensor.job.vocabulary is not None:
+        spans = tuple(tensor.job.vocabulary.span(i, key[1], key[2]) for i in range(len(tensor.locations)))
+        return ChunkRead(key, tensor.locations, spans)
     if not tensor.scales:
         return ChunkRead.same_rows(key, tensor.locations)
     start, stop = key[1], key[2]

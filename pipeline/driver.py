@@ -53,6 +53,13 @@ from modelstock.report import report_bytes, report_json, report_png
 from modelstock.quantization import BlockFP8, quantization_of
 from modelstock.shard import ShardTensor, shard_tensor
 from modelstock.storage import Location
+from modelstock.vocabulary import (
+    TOKENIZER_FILES,
+    VocabularyPlan,
+    build_vocabulary,
+    chat_template_for,
+    with_chat_template,
+)
 from pipeline.plan import MergePlan, input_fingerprints, plan_shards
 from pipeline.ray_results import result_of
 from pipeline.worker import ShardOutcome, ShardTask, merge_shard_task
@@ -100,14 +107,27 @@ class MergeResult:
     def resumed(self) -> list[str]:
         return [s.file for s in self.shards if s.resumed]
 
+    @property
+    def bytes_read(self) -> int:
+        """Input bytes the workers fetched (re-reads of chunked tensors included; resumed shards read none)."""
+        return sum(s.bytes_read for s in self.shards)
 
-def open_inputs(recipe: MergeRecipe, storage_options: Mapping[str, Any]) -> list[tuple[Checkpoint, BlockFP8 | None]]:
-    """Headers and quantization of every input, read concurrently, in the merge's input order
-    (``recipe_models``)."""
 
-    def open_one(url: str) -> tuple[Checkpoint, BlockFP8 | None]:
+@dataclass(frozen=True)
+class OpenedInput:
+    checkpoint: Checkpoint
+    config: dict[str, Any] | None
+    quantization: BlockFP8 | None
+
+
+def open_inputs(recipe: MergeRecipe, storage_options: Mapping[str, Any]) -> list[OpenedInput]:
+    """Headers, config and quantization of every input, read concurrently, in the merge's input
+    order (``recipe_models``)."""
+
+    def open_one(url: str) -> OpenedInput:
         checkpoint = open_checkpoint(url, storage_options)
-        return checkpoint, quantization_of(read_model_config(url, storage_options), checkpoint.url)
+        config = read_model_config(url, storage_options)
+        return OpenedInput(checkpoint, config, quantization_of(config, checkpoint.url))
 
     urls = list(recipe_models(recipe))
     with ThreadPoolExecutor(max_workers=min(8, len(urls))) as pool:
@@ -123,6 +143,7 @@ class PreparedMerge:
     checkpoints: list[Checkpoint]  # every input, in the merge's input order
     output_layers: int | None = None  # the output's decoder layers, when slices change them
     ignored_tensors: tuple[str, ...] = ()
+    vocabulary: VocabularyPlan | None = None  # the output's tokenizer when the recipe builds one
 
     @property
     def config_source(self) -> Checkpoint:
@@ -130,14 +151,16 @@ class PreparedMerge:
         return self.checkpoints[0]
 
 
-def plan_merge(request: MergeRequest) -> tuple[MergePlan, TensorPlan, list[Checkpoint]]:
+def plan_merge(request: MergeRequest) -> tuple[MergePlan, TensorPlan, list[Checkpoint], VocabularyPlan | None]:
     recipe = request.recipe
+    urls = list(recipe_models(recipe))
     opened = open_inputs(recipe, request.storage_options)
-    checkpoints = [checkpoint for checkpoint, _ in opened]
-    catalogs = {url: catalog_of(c, quantization) for url, (c, quantization) in zip(recipe_models(recipe), opened)}
-    tensor_plan = plan_tensors(recipe, catalogs)
+    checkpoints = [o.checkpoint for o in opened]
+    catalogs = {url: catalog_of(o.checkpoint, o.quantization) for url, o in zip(urls, opened)}
+    vocabulary = build_vocabulary(recipe, urls, [o.config for o in opened], request.storage_options)
+    tensor_plan = plan_tensors(recipe, catalogs, vocabulary)
     tensors = [shard_tensor(job, checkpoints) for job in tensor_plan.jobs]
-    return plan_shards(tensors, request.shard_size, checkpoints), tensor_plan, checkpoints
+    return plan_shards(tensors, request.shard_size, checkpoints), tensor_plan, checkpoints, vocabulary
 
 
 def output_action(state: OutputState, plan: MergePlan, overwrite: bool, out: Location) -> str:
@@ -242,11 +265,22 @@ def commit(request: MergeRequest, prepared: PreparedMerge, outcomes: list[ShardO
     tensors = [stats for outcome in outcomes for stats in outcome.tensors]
     written: dict[str, bytes] = {}
     source_dir = storage.resolve(prepared.config_source.url, request.storage_options)
+    vocabulary = prepared.vocabulary
     for name in model_files(source_dir):
+        if vocabulary is not None and name in TOKENIZER_FILES:
+            continue  # the merge's own tokenizer replaces the base's
         raw = storage.read_bytes(source_dir.join(name))
         if name == "config.json":
-            raw = output_config(raw, _out_dtype_name(recipe, tensors), prepared.output_layers, source_dir.join(name).url)
+            raw = output_config(raw, _out_dtype_name(recipe, tensors), prepared.output_layers, source_dir.join(name).url,
+                                vocab_size=vocabulary.padded_size if vocabulary is not None else None)
         written[name] = raw
+    if vocabulary is not None:
+        written.update(vocabulary.files)
+    elif recipe.chat_template is not None and "tokenizer_config.json" in written:
+        template = chat_template_for(recipe.chat_template, [c.url for c in prepared.checkpoints], request.storage_options)
+        if template:
+            written["tokenizer_config.json"] = with_chat_template(written["tokenizer_config.json"], template)
+            written.pop("chat_template.jinja", None)
     written[INDEX_FILE_NAME] = index_json(
         [(shard.file, [t.job.name for t in shard.tensors]) for shard in plan.shards], plan.total_size
     )
@@ -283,10 +317,19 @@ def prepare_merge(request: MergeRequest) -> PreparedMerge:
     out = storage.resolve(request.out_url, request.storage_options)
     recipe = request.recipe
     check_not_overlapping(out, list(recipe_models(recipe)), request.storage_options)
-    plan, tensor_plan, checkpoints = plan_merge(request)
+    plan, tensor_plan, checkpoints, vocabulary = plan_merge(request)
     log.info("plan: %d shards, %.2f GB out, %.2f GB to read", len(plan.shards), plan.total_size / 1e9, plan.input_bytes / 1e9)
     output_action(read_output_state(out), plan, request.overwrite, out)  # refuse early, touch nothing
-    return PreparedMerge(out, plan, checkpoints, tensor_plan.output_layers, tuple(tensor_plan.ignored))
+    return PreparedMerge(out, plan, checkpoints, tensor_plan.output_layers, tuple(tensor_plan.ignored), vocabulary)
+
+
+def log_bytes_read(plan: MergePlan, outcomes: Sequence[ShardOutcome]) -> None:
+    """Bytes the workers fetched against the input tensor bytes their shards needed."""
+    computed = {o.file for o in outcomes if not o.resumed}
+    needed = sum(shard.input_bytes for shard in plan.shards if shard.file in computed)
+    fetched = sum(o.bytes_read for o in outcomes)
+    if needed:
+        log.info("read %.2f GB for %.2f GB of input tensors (%.3fx)", fetched / 1e9, needed / 1e9, fetched / needed)
 
 
 def _release_quietly(lock: OutputLock) -> None:
@@ -319,6 +362,7 @@ def run_merge(request: MergeRequest, prepared: PreparedMerge | None = None) -> M
             storage.write_bytes(out.join(STATE_DIR, JOB_FILE), canonical(job))
         try:
             outcomes = submit_and_gather(request, plan)
+            log_bytes_read(plan, outcomes)
             if not lock.held():
                 raise OutputConflict(f"{out.url}: the output lock was taken over by another merge; not committing")
             commit(request, prepared, outcomes)

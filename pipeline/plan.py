@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+
+import torch
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -61,6 +63,13 @@ def _job_description(tensor: ShardTensor, fingerprints: dict[str, dict[str, obje
             "method": dataclasses.asdict(job.params.method),
             "models": [dataclasses.asdict(p) for p in job.params.models],
         }
+    vocabulary = None
+    if job.vocabulary is not None:
+        mapped = job.vocabulary
+        digest = hashlib.sha256()
+        for part in (mapped.rows, mapped.default_source, mapped.default_row, mapped.forced.to(torch.int64)):
+            digest.update(part.contiguous().numpy().tobytes())
+        vocabulary = {"tokens": mapped.vocabulary, "sha256": digest.hexdigest()}
     return {
         "name": job.name,
         "shape": list(job.shape),
@@ -68,6 +77,7 @@ def _job_description(tensor: ShardTensor, fingerprints: dict[str, dict[str, obje
         "method": job.method,
         "params": params,
         "flags": list(job.flags),
+        "vocabulary": vocabulary,
         "inputs": [
             {"file": loc.file.url, "start": loc.entry.start, "end": loc.entry.end, "dtype": loc.entry.dtype,
              "fingerprint": fingerprints[loc.file.url]}

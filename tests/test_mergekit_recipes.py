@@ -9,9 +9,7 @@ tensor's largest magnitude: both round differently, a wrong t or layer would be 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mergekit_runner import run_mergekit
 from pipeline.cli import main
 
 MERGEKIT = shutil.which("mergekit-yaml", path=str(Path(sys.executable).parent))
@@ -127,22 +126,7 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def mergekit_outputs(family: list[Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("mergekit-recipes")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    running = {}
-    for name, text in recipes(*family).items():
-        config = root / f"{name}.yml"
-        config.write_text(text)
-        out = root / name
-        command = [MERGEKIT, str(config), str(out), "--no-cuda", "--no-lazy-unpickle", "--no-copy-tokenizer",
-                   "--no-write-model-card", "--no-async-write", "--quiet", "--random-seed", "0"]
-        running[name] = (out, subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    outputs = {}
-    for name, (out, process) in running.items():
-        log, _ = process.communicate(timeout=300)
-        assert process.returncode == 0, f"mergekit-yaml failed on {name}:\n{log.decode(errors='replace')[-3000:]}"
-        outputs[name] = out
-    return outputs
+    return run_mergekit(recipes(*family), tmp_path_factory.mktemp("mergekit-recipes"))
 
 
 @pytest.mark.parametrize("name", sorted(recipes(Path("a"), Path("b"), Path("c"))))

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from modelstock.methods import (  # noqa: F401  (registration)
+    breadcrumbs,
     dare,
+    della,
+    karcher,
     linear,
     model_stock,
+    multislerp,
     nearswap,
+    nuslerp,
     passthrough,
+    sce,
     slerp,
     task_arithmetic,
     ties,

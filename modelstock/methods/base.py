@@ -163,6 +163,11 @@ class MergeMethod(Generic[P, M]):
     ``blend`` receives a :class:`BaseBlock` when ``needs_base``, else a :class:`ModelsBlock`.
     """
 
+    @property
+    def uses_base(self) -> bool:
+        """Whether a recipe's base model is an input of this method (required or optional)."""
+        return self.needs_base or self.accepts_base
+
     def passes(self, params: TensorParameters[Any, Any]) -> tuple[Reduction, ...]:
         """The reductions that run before the blend for these parameters, in order."""
         return tuple(r for r in self.reductions if r.applies(params))
@@ -174,6 +179,8 @@ class MergeMethod(Generic[P, M]):
     model_parameters: type[M]
     needs_base: bool
     min_models: int = 1
+    # Takes the base when the recipe has one (the blend then gets a BaseBlock), else works without.
+    accepts_base: bool = False
     max_models: int | None = None
     reductions: tuple[Reduction, ...] = ()
     validate: ValidateFn | None = None
