@@ -61,7 +61,7 @@ def kept_ranks(density: float, gamma: float, numel: int) -> tuple[int, int]:
     return numel - stop, numel - start
 
 
-def cutoffs(params: Parameters, numel: int) -> Sequence[Sequence[int]]:
+def cutoffs(params: Parameters, numel: int, coefficients: Coefficients) -> Sequence[Sequence[int]]:
     return [kept_ranks(p.density, p.gamma, numel) for p in params.models]
 
 

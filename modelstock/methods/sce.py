@@ -21,7 +21,6 @@ exact top-k of :mod:`modelstock.methods.selection` takes three more, a fifth sum
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -81,25 +80,12 @@ def keep_nonzero_count(
     return Finalized(coefficients={NONZERO: torch.tensor(nonzero)}, values={"nonzero_variance": nonzero}, flags=[])
 
 
-@dataclass(frozen=True)
-class _TopVariances(Selection):
-    """The top-k of the variances, where k counts only the nonzero ones: the count comes from the
-    pass before the selection (a Selection's cutoffs see only the element count)."""
-
-    def _finalize_high(
-        self, reductions: torch.Tensor, coefficients: Coefficients, params: Parameters, count: int
-    ) -> Finalized:
-        nonzero = int(coefficients[NONZERO])
-
-        def cutoffs(params: Parameters, numel: int) -> Sequence[Sequence[int]]:
-            return [[int(nonzero * params.method.select_topk)]]
-
-        return Selection._finalize_high(
-            dataclasses.replace(self, cutoffs=cutoffs), reductions, coefficients, params, count
-        )
+def top_variance_cutoffs(params: Parameters, numel: int, coefficients: Coefficients) -> Sequence[Sequence[int]]:
+    """k counts only the nonzero variances (found by the pass before the selection)."""
+    return [[int(int(coefficients[NONZERO]) * params.method.select_topk)]]
 
 
-TOP_VARIANCES = _TopVariances("sce", variances, lambda params, numel: [[numel]], applies=selects)
+TOP_VARIANCES = Selection("sce", variances, top_variance_cutoffs, applies=selects)
 
 
 def selected(

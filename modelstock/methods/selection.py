@@ -39,8 +39,9 @@ LOW_MASK = BINS - 1
 
 # (S, rows, cols) float32 scores >= 0 of one block: one set of scores per selection.
 ScoreFn = Callable[[ModelsBlock, TensorParameters[Any, Any], torch.dtype], torch.Tensor]
-# Rank cutoffs per selection (the same number for every selection), given the element count.
-CutoffFn = Callable[[TensorParameters[Any, Any], int], Sequence[Sequence[int]]]
+# Rank cutoffs per selection (the same number for every selection), given the element count and
+# the coefficients of the method's earlier passes.
+CutoffFn = Callable[[TensorParameters[Any, Any], int, Coefficients], Sequence[Sequence[int]]]
 
 
 def _rows_scope(params: TensorParameters[Any, Any], shape: tuple[int, ...]) -> ReductionScope:
@@ -75,8 +76,8 @@ class Selection:
     def key(self, name: str) -> str:
         return f"{self.prefix}.{name}"
 
-    def _cutoffs(self, params: TensorParameters[Any, Any], numel: int) -> torch.Tensor:
-        cutoffs = torch.tensor([list(c) for c in self.cutoffs(params, numel)], dtype=torch.int64)
+    def _cutoffs(self, params: TensorParameters[Any, Any], numel: int, coefficients: Coefficients) -> torch.Tensor:
+        cutoffs = torch.tensor([list(c) for c in self.cutoffs(params, numel, coefficients)], dtype=torch.int64)
         return cutoffs.clamp(0, numel)
 
     # --- pass 1: high digit ----------------------------------------------------------------
@@ -90,7 +91,7 @@ class Selection:
                        count: int) -> Finalized:
         counts = reductions.reshape(-1, BINS)  # (S, BINS)
         numel = int(counts[0].sum())
-        cutoffs = self._cutoffs(params, numel)  # (S, C)
+        cutoffs = self._cutoffs(params, numel, coefficients)  # (S, C)
         per_cutoff = counts.unsqueeze(1).expand(-1, cutoffs.shape[1], -1)
         high, above = _first_bin_reaching(per_cutoff, torch.zeros_like(cutoffs), cutoffs)
         return Finalized(

@@ -66,7 +66,7 @@ def magnitudes(block: ModelsBlock, params: Parameters, compute: torch.dtype) -> 
     return torch.stack([delta.abs().to(torch.float32) for delta in task_vectors(block, compute)])
 
 
-def cutoffs(params: Parameters, numel: int) -> Sequence[Sequence[int]]:
+def cutoffs(params: Parameters, numel: int, coefficients: Coefficients) -> Sequence[Sequence[int]]:
     return [[keep_count(p.density, numel)] for p in params.models]
 
 
