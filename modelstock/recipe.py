@@ -41,6 +41,7 @@ from modelstock.errors import InvalidRecipe
 from modelstock.methods import get_method
 from modelstock.methods.base import MergeMethod, TensorParameters
 from modelstock.parameters import ParameterValue, Scope, check_types, instantiate, required_names, resolve
+from modelstock.sources import source_url
 
 
 def _same(a: str | None, b: str | None) -> bool:
@@ -171,6 +172,51 @@ class MergeRecipe(BaseModel):
                 f"chat_template {value[:40]!r}: give 'auto' (the inputs' most common template) or a Jinja template"
             )
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_names_as_urls(cls, data: Any) -> Any:
+        """Bare hub ids (``org/model@revision``) become ``hf://`` URLs, everywhere a model is named."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+
+        def url(value: Any) -> Any:
+            return source_url(value) if isinstance(value, str) else value
+
+        def entries(items: Any) -> Any:
+            if not isinstance(items, list):
+                return items
+            return [{**item, "model": url(item.get("model"))} if isinstance(item, dict) else item for item in items]
+
+        data["base_model"] = url(data.get("base_model"))
+        data["models"] = entries(data.get("models"))
+        if isinstance(data.get("slices"), list):
+            data["slices"] = [
+                {**s, "sources": entries(s.get("sources")), "base_model": url(s.get("base_model"))} if isinstance(s, dict) else s
+                for s in data["slices"]
+            ]
+        source = data.get("tokenizer_source")
+        if isinstance(source, str) and source not in ("base", "union"):
+            data["tokenizer_source"] = "model:" + source_url(source.removeprefix("model:"))
+        tokenizer = data.get("tokenizer")
+        if isinstance(tokenizer, dict):
+            tokenizer = dict(tokenizer)
+            if isinstance(tokenizer.get("source"), str) and tokenizer["source"] not in ("base", "union"):
+                tokenizer["source"] = "model:" + source_url(tokenizer["source"].removeprefix("model:"))
+            if isinstance(tokenizer.get("tokens"), dict):
+                tokens = {}
+                for token, setting in tokenizer["tokens"].items():
+                    if isinstance(setting, dict):
+                        origin = setting.get("source")
+                        if isinstance(origin, str):
+                            setting = {**setting, "source": source_url(origin)}
+                        elif isinstance(origin, dict) and isinstance(origin.get("model"), str):
+                            setting = {**setting, "source": {**origin, "model": source_url(origin["model"])}}
+                    tokens[token] = setting
+                tokenizer["tokens"] = tokens
+            data["tokenizer"] = tokenizer
+        return {k: v for k, v in data.items() if v is not None or k not in ("base_model", "models")}
 
     @model_validator(mode="before")
     @classmethod

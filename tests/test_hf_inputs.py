@@ -287,3 +287,28 @@ def test_missing_hf_repo_is_bad_input(tiny_family, hub_client, ray_for_hub, tmp_
     assert main(["merge", str(recipe), str(tmp_path / "out"), "--quiet"]) == 2
     assert "hf://user/no-such-repo" in capsys.readouterr().err
     assert not any(r.path.startswith("/user/no-such-repo/resolve") for r in hub_client.requests)
+
+
+@pytest.mark.slow
+def test_models_named_by_bare_hub_ids_and_revisions(tiny_family, hub_client, ray_for_hub, tmp_path, monkeypatch):
+    """``org/model`` and ``org/model@revision`` (no local folder of that name) are hub repos, as in
+    mergekit and transformers; the revision is the one read."""
+    repos = {"user/tiny-base": tiny_family.base}
+    repos.update({f"user/tiny-ft-{i + 1}": path for i, path in enumerate(tiny_family.finetunes)})
+    hub_client.repos.update(repos)
+    monkeypatch.chdir(tmp_path)  # no local folder named user/...
+    pinned = f"user/tiny-ft-1@{hub_client.sha('user/tiny-ft-1')}"
+    recipe = tmp_path / "bare.yml"
+    recipe.write_text(_recipe("user/tiny-base", [pinned, "user/tiny-ft-2"]))
+    assert main(["merge", str(recipe), str(tmp_path / "from-ids"), "--quiet"]) == 0
+    reference = tmp_path / "local.yml"
+    reference.write_text(_recipe(str(tiny_family.base), [str(p) for p in tiny_family.finetunes[:2]]))
+    assert main(["merge", str(reference), str(tmp_path / "from-disk"), "--quiet"]) == 0
+    from_ids, from_disk = _tensors(tmp_path / "from-ids"), _tensors(tmp_path / "from-disk")
+    assert sorted(from_ids) == sorted(from_disk)
+    for name, tensor in from_disk.items():
+        assert torch.equal(from_ids[name], tensor), name
+    manifest = json.dumps(json.loads((tmp_path / "from-ids" / "modelstock-manifest.json").read_text()))
+    assert f"hf://{pinned}" in manifest and "hf://user/tiny-base" in manifest
+    sha = hub_client.sha("user/tiny-ft-1")
+    assert any(r.path == f"/user/tiny-ft-1/resolve/{sha}/model.safetensors" for r in hub_client.requests)
