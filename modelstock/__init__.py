@@ -4,7 +4,7 @@ The library part: merge math, checkpoint I/O, recipes and reports. No Ray here; 
 pipeline lives in ``pipeline`` and cluster access in ``cluster``.
 """
 
-from modelstock.api import merge_state_dicts
+from modelstock.api import merge_recipe_in_memory, merge_state_dicts, plan_in_memory
 from modelstock.errors import (
     IncompatibleModels,
     InputError,
@@ -33,7 +33,9 @@ __all__ = [
     "get_method",
     "load_recipe",
     "merge",
+    "merge_recipe_in_memory",
     "merge_state_dicts",
     "method_names",
     "parse_recipe",
+    "plan_in_memory",
 ]

@@ -15,9 +15,9 @@ from modelstock.dtypes import CONFIG_DTYPE_NAMES, from_torch
 from modelstock.engine import merge_in_memory
 from modelstock.errors import InvalidRecipe
 from modelstock.methods.base import TensorStats
-from modelstock.planner import CatalogEntry, ModelCatalog, plan_tensors
+from modelstock.planner import CatalogEntry, ModelCatalog, TensorPlan, plan_tensors
 from modelstock.quantization import BlockFP8
-from modelstock.recipe import parse_recipe, recipe_models
+from modelstock.recipe import MergeRecipe, parse_recipe, recipe_models
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -54,8 +54,25 @@ def merge_state_dicts(
     )
     states = {"base": base} if base is not None else {}
     states.update(zip(labels, models))
-    plan = plan_tensors(recipe, {label: _catalog(label, state, quantization) for label, state in states.items()})
-    inputs = [states[url] for url in recipe_models(recipe)]
+    return merge_recipe_in_memory(recipe, states, quantization)
+
+
+def plan_in_memory(recipe: MergeRecipe, states: Mapping[str, StateDict], quantization: BlockFP8 | None = None) -> TensorPlan:
+    """The jobs of ``recipe`` on state dicts named as the recipe names its models (the planner the
+    Ray driver uses, on catalogs made from the tensors instead of headers)."""
+    missing = [name for name in recipe_models(recipe) if name not in states]
+    if missing:
+        raise InvalidRecipe(f"merge: no state dict for model {missing[0]!r}")
+    return plan_tensors(recipe, {name: _catalog(name, states[name], quantization) for name in recipe_models(recipe)})
+
+
+def merge_recipe_in_memory(
+    recipe: MergeRecipe, states: Mapping[str, StateDict], quantization: BlockFP8 | None = None
+) -> tuple[dict[str, torch.Tensor], list[TensorStats]]:
+    """Merge state dicts as a recipe says (any method, slices, gradients), keyed by the recipe's
+    model names; returns the merged dict and per-tensor stats."""
+    plan = plan_in_memory(recipe, states, quantization)
+    inputs = [states[name] for name in recipe_models(recipe)]
     merged: dict[str, torch.Tensor] = {}
     stats: list[TensorStats] = []
     for job in plan.jobs:

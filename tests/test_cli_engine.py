@@ -353,3 +353,18 @@ def test_tensors_only_some_inputs_have_are_left_out_and_reported(tiny_family, tm
     merged = load_file(str(next((tmp_path / "merged").glob("model-*.safetensors"))))
     assert "model.extra.weight" not in merged
     assert merged["lm_head.weight"].equal(expected["lm_head.weight"])
+
+
+def test_methods_lists_every_method_with_its_parameters(capsys) -> None:
+    assert main(["methods", "--json"]) == 0
+    methods = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
+    assert sorted(methods) == modelstock.method_names()
+    nearswap = methods["nearswap"]
+    assert nearswap["needs_base"] and nearswap["models"] == {"min": 1, "max": 1}
+    assert nearswap["parameters"] == [{"name": "t", "type": "float", "required": True, "default": None}]
+    ties = {p["name"]: p for p in methods["ties"]["model_parameters"]}
+    assert ties["weight"]["required"] and ties["density"]["default"] == 1.0
+    assert "lambda" in {p["name"] for p in methods["ties"]["parameters"]}
+    assert main(["methods"]) == 0
+    text = capsys.readouterr().out
+    assert "model_stock  (base + 2+ models)" in text and "filter_wise: bool = False" in text
