@@ -95,5 +95,6 @@ def _catalog(label: str, state: StateDict, quantization: BlockFP8 | None) -> Mod
 def _recipe_dtype_name(dtype: torch.dtype) -> str:
     name = CONFIG_DTYPE_NAMES.get(from_torch(dtype)) if dtype.is_floating_point else None
     if name is None:
-        raise InvalidRecipe(f"merge_state_dicts: out_dtype {dtype} is not supported (use one of {sorted(CONFIG_DTYPE_NAMES.values())})")
+        known = sorted(CONFIG_DTYPE_NAMES.values())
+        raise InvalidRecipe(f"merge_state_dicts: out_dtype {dtype} is not supported (use one of {known})")
     return name

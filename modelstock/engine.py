@@ -288,7 +288,8 @@ def blend_tensor(
             if merged is None:
                 chunks.release()
                 _raise_non_finite(job, chunks.plan, chunks.read, "the merged tensor")
-            yield merged
+            else:
+                yield merged
 
 
 def merge_tensor(

@@ -88,7 +88,7 @@ class ShardRecord:
         return canonical(self.__dict__)
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> "ShardRecord":
+    def from_bytes(cls, raw: bytes) -> ShardRecord:
         data = json.loads(raw)
         return cls(**data)
 
@@ -191,8 +191,8 @@ def output_config(raw: bytes, out_dtype_name: str, layers: int | None, source: s
     config.pop("quantization_config", None)
     if vocab_size is not None:
         text = config.get("text_config")
-        holder = text if isinstance(text, dict) and "vocab_size" in text else config
-        holder["vocab_size"] = vocab_size
+        target = text if isinstance(text, dict) and "vocab_size" in text else config
+        target["vocab_size"] = vocab_size
     if layers is not None:
         for holder in (config, config.get("text_config")):
             if isinstance(holder, dict) and "num_hidden_layers" in holder:

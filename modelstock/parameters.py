@@ -19,7 +19,7 @@ import dataclasses
 import typing
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
-from typing import Any, Union
+from typing import Any
 
 import pydantic
 from pydantic import BaseModel, ConfigDict
@@ -27,17 +27,17 @@ from pydantic import BaseModel, ConfigDict
 from modelstock.errors import InvalidRecipe
 from modelstock.methods.base import MergeMethod, recipe_name
 
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 Gradient = list[Scalar]
 
 
 class ConditionalValue(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     filter: str | None = None
-    value: Union[Scalar, Gradient]
+    value: Scalar | Gradient
 
 
-ParameterValue = Union[Scalar, Gradient, ConditionalValue, list[ConditionalValue]]
+ParameterValue = Scalar | Gradient | ConditionalValue | list[ConditionalValue]
 Scope = Mapping[str, ParameterValue]
 
 
@@ -67,8 +67,8 @@ def value_for(value: ParameterValue, tensor: str, t: float) -> Scalar | None:
                 return value_for(option.value, tensor, t)
         return None
     if isinstance(value, list):
-        return interpolate(value, t) if value else None  # type: ignore[arg-type]
-    return value  # type: ignore[return-value]
+        return interpolate(typing.cast(Gradient, value), t) if value else None
+    return value
 
 
 def resolve(name: str, scopes: Iterable[Scope], tensor: str, t: float) -> Scalar | None:

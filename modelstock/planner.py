@@ -176,7 +176,8 @@ class _Planner:
             for k in range(spec.layers):
                 for suffix in suffixes:
                     models = tuple(
-                        (self.input_index(url), f"{stack}{first + k}{suffix}") for url, first in zip(spec.models, spec.first_layers)
+                        (self.input_index(url), f"{stack}{first + k}{suffix}")
+                        for url, first in zip(spec.models, spec.first_layers)
                     )
                     base_input = (base, f"{stack}{spec.base_first_layer + k}{suffix}") if base is not None else None
                     planned.append(_Planned(f"{stack}{offset + k}{suffix}", spec, base_input, models, position(k, spec.layers)))
@@ -256,7 +257,9 @@ def plan_tensors(recipe: MergeRecipe, catalogs: Mapping[str, ModelCatalog],
         reference, _ = entries[0]
         shape = (vocabulary.padded_size, *reference.shape[1:]) if vocabulary is not None and token_rows else reference.shape
         if element_count(reference.shape) == 0:
-            raise InvalidCheckpoint(f"{reference.label}: tensor {item.name!r} has zero elements {list(reference.shape)}; nothing to merge")
+            raise InvalidCheckpoint(
+                f"{reference.label}: tensor {item.name!r} has zero elements {list(reference.shape)}; nothing to merge"
+            )
         inputs = tuple(source for _, source in entries)
         tied = any(source.tensor != name for (_, name), (_, source) in zip(sources, entries) if name == TIED_HEAD)
         if is_float(reference.dtype):

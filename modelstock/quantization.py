@@ -88,7 +88,9 @@ def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ..
     return (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], first_row: int, dtype: torch.dtype) -> torch.Tensor:
+def dequantize(
+    codes: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], first_row: int, dtype: torch.dtype
+) -> torch.Tensor:
     """Rows of a block-FP8 weight as ``dtype``: ``codes`` are rows ``first_row..`` of the weight,
     ``scales`` the scale rows from ``first_row // block[0]`` on."""
     rows, cols = codes.shape

@@ -384,10 +384,9 @@ def _model_scopes(recipe: MergeRecipe) -> list[tuple[str, Mapping[str, Parameter
 def _check_parameter_names(recipe: MergeRecipe, method: MergeMethod[Any, Any]) -> None:
     method_names, model_names = method.parameter_names()
     known = sorted(method_names | model_names)
-    shared = [("parameters", recipe.parameters)] + [
-        (f"slices[{i}].parameters", output.parameters) for i, output in enumerate(recipe.slices or [])
-    ]
-    for where, scope in shared:
+    shared: list[tuple[str, Mapping[str, ParameterValue]]] = [("parameters", recipe.parameters)]
+    shared += [(f"slices[{i}].parameters", output.parameters) for i, output in enumerate(recipe.slices or [])]
+    for _, scope in shared:
         for name in scope:
             if name not in method_names | model_names:
                 raise ValueError(f"unknown parameter {name!r} for {method.name} (known: {known})")
@@ -407,8 +406,8 @@ def _check_parameter_names(recipe: MergeRecipe, method: MergeMethod[Any, Any]) -
                 if not any(name in scope for scope in (own, spec.scope, recipe.parameters)):
                     raise ValueError(f"model {model}: {method.name} needs parameter {name!r}")
     # Type-check every value once up front (filters and gradients are resolved per tensor).
-    for where, scope in shared:
-        for name, value in scope.items():
+    for where, shared_scope in shared:
+        for name, value in shared_scope.items():
             check_types(method, name, value, where)
     for model, scope in _model_scopes(recipe):
         for name, value in scope.items():

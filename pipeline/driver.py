@@ -27,6 +27,7 @@ from modelstock.methods.base import TensorStats
 from modelstock.output import (
     INDEX_FILE_NAME,
     JOB_FILE,
+    LOCK_FILE,
     MANIFEST_FILE,
     MANIFEST_FORMAT,
     MODEL_CARD_FILE,
@@ -34,24 +35,23 @@ from modelstock.output import (
     REPORT_FILE,
     REPORT_PLOT_FILE,
     STATE_DIR,
+    OutputLock,
+    OutputState,
     canonical,
     check_not_overlapping,
     index_json,
-    LOCK_FILE,
-    OutputLock,
-    OutputState,
     model_card,
     model_files,
+    output_config,
     read_output_state,
     remove_stale_partials,
-    output_config,
     sha256_hex,
 )
 from modelstock.planner import TensorPlan, catalog_of, plan_tensors
+from modelstock.quantization import BlockFP8, quantization_of
 from modelstock.recipe import MergeRecipe, recipe_models
 from modelstock.report import report_bytes, report_json, report_png
-from modelstock.quantization import BlockFP8, quantization_of
-from modelstock.shard import ShardTensor, shard_tensor
+from modelstock.shard import shard_tensor
 from modelstock.storage import Location
 from modelstock.vocabulary import (
     TOKENIZER_FILES,
@@ -292,7 +292,9 @@ def commit(request: MergeRequest, prepared: PreparedMerge, outcomes: list[ShardO
     if plot is not None:
         written[REPORT_PLOT_FILE] = plot
     written.update(request.extra_files)
-    written[MODEL_CARD_FILE] = model_card(recipe_yaml, recipe.base_model, recipe.merge_method, recipe.model_urls, report["summary"])
+    written[MODEL_CARD_FILE] = model_card(
+        recipe_yaml, recipe.base_model, recipe.merge_method, recipe.model_urls, report["summary"]
+    )
     for name, raw in written.items():
         storage.write_bytes(out.join(name), raw)
     for name in remove_stale_partials(out):

@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-
-import torch
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
 
 from modelstock.checkpoint.reader import Checkpoint
 from modelstock.output import canonical, shard_file_name

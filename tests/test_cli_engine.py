@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import modelstock
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
-from pipeline.cli import main
 from test_methods import assert_within_one_ulp, reference_linear, reference_model_stock
+
+import modelstock
+from pipeline.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -132,7 +131,7 @@ def test_merge_matches_float64_reference_and_loads_in_transformers(
     assert sorted(index["weight_map"]) == sorted(base)
     for name, file in index["weight_map"].items():
         with safe_open(str(out / file), framework="pt") as shard:
-            assert name in shard.keys()
+            assert name in shard
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in merged.values())
     if case.shard_size != "2GB":
         assert len(shard_files) >= 3, shard_files
@@ -159,7 +158,7 @@ def test_merge_matches_float64_reference_and_loads_in_transformers(
         assert torch.equal(state[name], tensor), name
 
 
-def test_output_dtype_defaults_to_the_base_dtype(tiny_family_bf16, tmp_path: Path, ray_local: None) -> None:  # noqa: ANN001
+def test_output_dtype_defaults_to_the_base_dtype(tiny_family_bf16, tmp_path: Path, ray_local: None) -> None:
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(
         f"merge_method: linear\nmodels:\n  - model: {tiny_family_bf16.finetunes[0]}\n  - model: {tiny_family_bf16.finetunes[1]}\n"
@@ -176,7 +175,9 @@ def test_output_dtype_defaults_to_the_base_dtype(tiny_family_bf16, tmp_path: Pat
 
 
 @pytest.mark.parametrize("layout", ["single", "sharded"])
-def test_inspect_lists_what_safetensors_sees(tiny_family, tmp_path: Path, capsys: pytest.CaptureFixture[str], layout: str) -> None:  # noqa: ANN001
+def test_inspect_lists_what_safetensors_sees(
+    tiny_family, tmp_path: Path, capsys: pytest.CaptureFixture[str], layout: str
+) -> None:
     source = tiny_family.base
     if layout == "sharded":
         from transformers import LlamaForCausalLM
@@ -187,7 +188,7 @@ def test_inspect_lists_what_safetensors_sees(tiny_family, tmp_path: Path, capsys
     official: dict[str, tuple[str, list[int], int]] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
+            for name in handle:
                 tensor = handle.get_tensor(name)
                 official[name] = (handle.get_slice(name).get_dtype(), list(tensor.shape), tensor.numel() * tensor.element_size())
 
@@ -256,13 +257,13 @@ def model_stock_recipe(base: Path, *models: Path) -> str:
 LAYER = "model.layers.1.mlp.up_proj.weight"
 
 
-def test_shape_mismatch_between_finetunes(tiny_family, tmp_path: Path, capsys, ray_local: None) -> None:  # noqa: ANN001
+def test_shape_mismatch_between_finetunes(tiny_family, tmp_path: Path, capsys, ray_local: None) -> None:
     wrong = copy_model(tiny_family.finetunes[1], tmp_path / "wrong-shape", {LAYER: torch.zeros(63, 32)})
     line = run_bad_merge(model_stock_recipe(tiny_family.base, tiny_family.finetunes[0], wrong), tmp_path, capsys)
     assert str(wrong / "model.safetensors") in line and repr(LAYER) in line and "shape" in line
 
 
-def test_mixed_input_dtypes_are_cast_to_the_compute_dtype(tiny_family, tmp_path: Path, capsys, ray_local: None) -> None:  # noqa: ANN001
+def test_mixed_input_dtypes_are_cast_to_the_compute_dtype(tiny_family, tmp_path: Path, capsys, ray_local: None) -> None:
     """As mergekit: a fine-tune stored in another dtype is merged (cast to the compute dtype), and the
     output keeps the base's dtype; the CLI and the in-memory API give the same bytes."""
     states = [load_file(str(folder / "model.safetensors")) for folder in (tiny_family.base, *tiny_family.finetunes[:2])]
@@ -277,13 +278,13 @@ def test_mixed_input_dtypes_are_cast_to_the_compute_dtype(tiny_family, tmp_path:
     assert merged[LAYER].equal(expected[LAYER])
 
 
-def test_missing_tensor(tiny_family, tmp_path: Path, capsys, ray_local: None) -> None:  # noqa: ANN001
+def test_missing_tensor(tiny_family, tmp_path: Path, capsys, ray_local: None) -> None:
     partial = copy_model(tiny_family.finetunes[0], tmp_path / "partial", {LAYER: None})
     line = run_bad_merge(model_stock_recipe(tiny_family.base, partial, tiny_family.finetunes[1]), tmp_path, capsys)
     assert str(partial) in line and repr(LAYER) in line and "missing" in line
 
 
-def test_nan_in_a_finetune(tiny_family, tmp_path: Path, capsys, ray_local: None) -> None:  # noqa: ANN001
+def test_nan_in_a_finetune(tiny_family, tmp_path: Path, capsys, ray_local: None) -> None:
     tensor = load_file(str(tiny_family.finetunes[1] / "model.safetensors"))[LAYER].clone()
     tensor[3, 4] = float("nan")
     poisoned = copy_model(tiny_family.finetunes[1], tmp_path / "nan", {LAYER: tensor})
@@ -291,13 +292,13 @@ def test_nan_in_a_finetune(tiny_family, tmp_path: Path, capsys, ray_local: None)
     assert str(poisoned / "model.safetensors") in line and repr(LAYER) in line and "NaN" in line
 
 
-def test_model_folder_that_does_not_exist(tiny_family, tmp_path: Path, capsys, ray_local: None) -> None:  # noqa: ANN001
+def test_model_folder_that_does_not_exist(tiny_family, tmp_path: Path, capsys, ray_local: None) -> None:
     ghost = tmp_path / "no-such-model"
     line = run_bad_merge(model_stock_recipe(tiny_family.base, tiny_family.finetunes[0], ghost), tmp_path, capsys)
     assert str(ghost) in line
 
 
-def test_pickle_only_model(tiny_family, tmp_path: Path, capsys, ray_local: None) -> None:  # noqa: ANN001
+def test_pickle_only_model(tiny_family, tmp_path: Path, capsys, ray_local: None) -> None:
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
@@ -305,21 +306,23 @@ def test_pickle_only_model(tiny_family, tmp_path: Path, capsys, ray_local: None)
     assert str(pickled) in line and "pickle" in line
 
 
-def test_unknown_method(tiny_family, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_unknown_method(tiny_family, tmp_path: Path, capsys) -> None:
     body = model_stock_recipe(tiny_family.base, *tiny_family.finetunes[:2]).replace("model_stock", "model_soup_deluxe")
     line = run_bad_merge(body, tmp_path, capsys)
     assert str(tmp_path / "recipe.yml") in line and "model_soup_deluxe" in line
 
 
-def test_base_listed_among_models(tiny_family, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_base_listed_among_models(tiny_family, tmp_path: Path, capsys) -> None:
     line = run_bad_merge(model_stock_recipe(tiny_family.base, tiny_family.base, *tiny_family.finetunes[:2]), tmp_path, capsys)
     assert str(tmp_path / "recipe.yml") in line and "also listed among the models" in line
 
 
-def test_bad_input_in_a_fresh_process_prints_one_line(tiny_family, tmp_path: Path) -> None:  # noqa: ANN001
+def test_bad_input_in_a_fresh_process_prints_one_line(tiny_family, tmp_path: Path) -> None:
     """The real console: nothing but the one error line on stderr (no log lines, no traceback)."""
     recipe = tmp_path / "recipe.yml"
-    recipe.write_text(f"merge_method: model_stock\nbase_model: {tiny_family.base}\nmodels:\n  - model: {tiny_family.finetunes[0]}\n")
+    recipe.write_text(
+        f"merge_method: model_stock\nbase_model: {tiny_family.base}\nmodels:\n  - model: {tiny_family.finetunes[0]}\n"
+    )
     out = tmp_path / "merged"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
@@ -334,7 +337,7 @@ def test_bad_input_in_a_fresh_process_prints_one_line(tiny_family, tmp_path: Pat
     assert_nothing_at(out)
 
 
-def test_tensors_only_some_inputs_have_are_left_out_and_reported(tiny_family, tmp_path: Path, ray_local: None) -> None:  # noqa: ANN001
+def test_tensors_only_some_inputs_have_are_left_out_and_reported(tiny_family, tmp_path: Path, ray_local: None) -> None:
     """As mergekit: the output is shaped as the base; a fine-tune's extra tensor is left out (and the
     report says so), and a fine-tune that ties its lm_head to its embeddings merges its embeddings."""
     extra = copy_model(tiny_family.finetunes[0], tmp_path / "extra", {"model.extra.weight": torch.ones(4, 4)})

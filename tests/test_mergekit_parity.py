@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from mergekit_runner import run_mergekit
 from safetensors.torch import load_file
 
-from mergekit_runner import run_mergekit
 from pipeline.cli import main
 
 MERGEKIT = shutil.which("mergekit-yaml", path=str(Path(sys.executable).parent))

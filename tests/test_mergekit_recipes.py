@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from mergekit_runner import run_mergekit
 from safetensors.torch import load_file
 
-from mergekit_runner import run_mergekit
 from pipeline.cli import main
 
 MERGEKIT = shutil.which("mergekit-yaml", path=str(Path(sys.executable).parent))
@@ -102,7 +102,7 @@ def make_family(root: Path) -> list[Path]:
         model = LlamaForCausalLM(config)
         state = {k: v.clone() for k, v in base.state_dict().items()}
         if index:
-            for name, tensor in state.items():
+            for tensor in state.values():
                 scale = 0.05 * (1 + index) * (tensor.abs().mean() + 1e-3)
                 tensor += scale * torch.randn(tensor.shape, generator=generator)
         model.load_state_dict(state)

@@ -19,7 +19,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import modelstock
-from modelstock import engine
 from modelstock.chunks import BLOCK_ELEMENTS, MIN_CHUNK_BYTES
 from modelstock.engine import chunk_plan_for, merge_in_memory
 from modelstock.jobs import TensorInput, TensorJob

@@ -19,12 +19,12 @@ from hypothesis import strategies as st
 from modelstock import chunks
 from modelstock.api import merge_state_dicts
 from modelstock.engine import chunk_plan_for, merge_in_memory
+from modelstock.errors import InvalidRecipe
 from modelstock.jobs import TensorInput, TensorJob
 from modelstock.methods.base import TensorParameters
 from modelstock.methods.dare import DareParameters
 from modelstock.methods.task_arithmetic import TaskVectorWeight
 from modelstock.methods.ties import TiesParameters
-from modelstock.errors import InvalidRecipe
 
 F32 = 2.0**-23
 
@@ -151,7 +151,7 @@ def test_ties_top_k_is_over_the_whole_tensor_even_when_chunked(monkeypatch):
     """Exact top-k within the memory budget: a tensor 4x the budget, read in chunks, gives the
     bytes of the whole-tensor path (and a per-chunk top-k would not)."""
     base, fts = family(4, {"big": (64, 8)})
-    params = dict(model_parameters=[{"weight": 1.0, "density": 0.2}] * 3)
+    params = {"model_parameters": [{"weight": 1.0, "density": 0.2}] * 3}
     whole, _ = merge_state_dicts("ties", fts, base=base, **params)
     # Tiny blocks (2 rows) and a budget of a quarter of the tensor's inputs.
     monkeypatch.setattr(chunks, "BLOCK_ELEMENTS", 16)
@@ -173,7 +173,7 @@ def test_ties_selection_with_many_equal_magnitudes_across_chunks(monkeypatch):
     generator = torch.Generator().manual_seed(5)
     base = {"w": torch.zeros(40, 6)}
     fts = [{"w": torch.randint(-3, 4, (40, 6), generator=generator).float() * 0.25} for _ in range(2)]
-    params = dict(model_parameters=[{"weight": 1.0, "density": 0.3}, {"weight": 1.0, "density": 0.55}])
+    params = {"model_parameters": [{"weight": 1.0, "density": 0.3}, {"weight": 1.0, "density": 0.55}]}
     whole, _ = merge_state_dicts("ties", fts, base=base, **params)
     trimmed = [reference_trim(d, p, False) for d, p in zip(deltas64(base, fts, "w"), (0.3, 0.55))]
     assert_float32_of(whole["w"], reference_consensus(base["w"].double(), trimmed, [1.0, 1.0], True, 1.0), 1.0)
@@ -226,7 +226,8 @@ def test_dare_matches_reference(method, rescale):
     )
     by_name = {s.name: s for s in stats}
     for name in SHAPES:
-        dropped = [reference_dare(d, seed, name, i, p, rescale) for i, (d, p) in enumerate(zip(deltas64(base, fts, name), densities))]
+        originals = deltas64(base, fts, name)
+        dropped = [reference_dare(d, seed, name, i, p, rescale) for i, (d, p) in enumerate(zip(originals, densities))]
         deltas = [d for d, _ in dropped]
         if method == "dare_ties":
             expected = reference_consensus(base[name].double(), deltas, weights, False, 1.2)
@@ -240,7 +241,7 @@ def test_dare_matches_reference(method, rescale):
 
 def test_dare_is_seeded_deterministic_and_independent_of_chunking(monkeypatch):
     base, fts = family(6, {"big": (96, 20), "norm.weight": (33,)})
-    params = dict(model_parameters=[{"weight": 1.0, "density": 0.3}] * 3)
+    params = {"model_parameters": [{"weight": 1.0, "density": 0.3}] * 3}
     first, _ = merge_state_dicts("dare_ties", fts, base=base, parameters={"random_seed": 3}, **params)
     again, _ = merge_state_dicts("dare_ties", fts, base=base, parameters={"random_seed": 3}, **params)
     other, _ = merge_state_dicts("dare_ties", fts, base=base, parameters={"random_seed": 4}, **params)
@@ -292,7 +293,8 @@ def test_slerp_matches_reference(t):
 def test_slerp_nearly_collinear_and_antipodal_tensors_interpolate_linearly():
     base = {"same": torch.linspace(-1, 1, 40).reshape(4, 10) + 0.1, "anti": torch.linspace(0.5, 2, 12)}
     ft = {"same": base["same"] * 2.0 + 1e-5, "anti": -3.0 * base["anti"]}
-    merged, stats = merge_state_dicts("slerp", [ft], base=base, parameters={"t": [{"filter": "anti", "value": 0.25}, {"value": 0.4}]})
+    t = [{"filter": "anti", "value": 0.25}, {"value": 0.4}]
+    merged, stats = merge_state_dicts("slerp", [ft], base=base, parameters={"t": t})
     assert_float32_of(merged["same"], 0.6 * base["same"].double() + 0.4 * ft["same"].double(), 4.0, 2)
     assert_float32_of(merged["anti"], 0.75 * base["anti"].double() + 0.25 * ft["anti"].double(), 6.0, 2)
     assert all("collinear_linear_interpolation" in s.flags for s in stats)

@@ -34,11 +34,13 @@ def corpus(base: Path, a: Path, b: Path, c: Path) -> dict[str, str]:
             f"  - model: {b}\n    parameters: {{weight: -1.0}}\nparameters: {{normalize: true}}\n"
         ),
         "ties_density_gradient": (
-            f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 1.0, density: [0.3, 0.9]}}\n"
+            f"merge_method: ties\nbase_model: {base}\nmodels:\n"
+            f"  - model: {a}\n    parameters: {{weight: 1.0, density: [0.3, 0.9]}}\n"
             f"  - model: {b}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
         ),
         "dare_ties": (
-            f"merge_method: dare_ties\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 1.0, density: 0.6}}\n"
+            f"merge_method: dare_ties\nbase_model: {base}\nmodels:\n"
+            f"  - model: {a}\n    parameters: {{weight: 1.0, density: 0.6}}\n"
             f"  - model: {b}\n    parameters: {{weight: 1.0, density: 0.4}}\nparameters: {{random_seed: 7}}\n"
         ),
         "slerp_slices_gradient": (

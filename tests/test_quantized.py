@@ -68,7 +68,7 @@ def fp8_checkpoint(source: Path, target: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def fp8_family(tiny_family, tmp_path_factory) -> tuple[list[Path], list[dict[str, torch.Tensor]]]:  # noqa: ANN001
+def fp8_family(tiny_family, tmp_path_factory) -> tuple[list[Path], list[dict[str, torch.Tensor]]]:
     root = tmp_path_factory.mktemp("fp8")
     folders, weights = [], []
     for index, source in enumerate([tiny_family.base, *tiny_family.finetunes[:2]]):
@@ -78,7 +78,7 @@ def fp8_family(tiny_family, tmp_path_factory) -> tuple[list[Path], list[dict[str
     return folders, weights
 
 
-def test_block_fp8_inputs_are_dequantized_then_merged(fp8_family, tmp_path: Path, ray_local) -> None:  # noqa: ANN001
+def test_block_fp8_inputs_are_dequantized_then_merged(fp8_family, tmp_path: Path, ray_local) -> None:
     folders, weights = fp8_family
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(f"merge_method: model_stock\nbase_model: {folders[0]}\nmodels:\n  - model: {folders[1]}\n"
@@ -102,7 +102,7 @@ def test_block_fp8_inputs_are_dequantized_then_merged(fp8_family, tmp_path: Path
     LlamaForCausalLM.from_pretrained(out)  # a plain, unquantized model
 
 
-def test_default_output_of_fp8_weights_is_bfloat16(fp8_family, tmp_path: Path, ray_local) -> None:  # noqa: ANN001
+def test_default_output_of_fp8_weights_is_bfloat16(fp8_family, tmp_path: Path, ray_local) -> None:
     folders, _ = fp8_family
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {folders[1]}\n  - model: {folders[2]}\n")
@@ -149,7 +149,7 @@ def test_dequantization_follows_block_boundaries_in_any_chunking(monkeypatch) ->
         (None, "declares no quantization"),
     ],
 )
-def test_other_quantizations_are_refused(fp8_family, tmp_path: Path, capsys, quantization, expected) -> None:  # noqa: ANN001
+def test_other_quantizations_are_refused(fp8_family, tmp_path: Path, capsys, quantization, expected) -> None:
     folders, _ = fp8_family
     odd = tmp_path / "odd"
     odd.mkdir()

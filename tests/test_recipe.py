@@ -176,7 +176,8 @@ BAD_RECIPES: dict[str, tuple[str, str]] = {
         r"model a: parameter 'weight'.*'heavy'",
     ),
     "weight_string_in_condition": (
-        "merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: [{filter: mlp, value: lots}]\n  - model: b\n",
+        "merge_method: linear\nmodels:\n  - model: a\n    parameters:\n"
+        "      weight: [{filter: mlp, value: lots}]\n  - model: b\n",
         r"weight.*'lots'",
     ),
     "unknown_parameter": (
@@ -334,7 +335,8 @@ def test_slice_parameters_sit_between_the_model_and_the_top_level(tmp_path: Path
 
 
 def test_a_gradient_keeps_boolean_anchors_discrete(tmp_path: Path) -> None:
-    text = "merge_method: model_stock\nbase_model: b\nmodels: [{model: x}, {model: y}]\nparameters: {filter_wise: [false, true]}\n"
+    text = ("merge_method: model_stock\nbase_model: b\nmodels: [{model: x}, {model: y}]\n"
+            "parameters: {filter_wise: [false, true]}\n")
     recipe = load_recipe(write(tmp_path, text))
     assert recipe.tensor_parameters("w", 0.4).method.filter_wise is False
     assert recipe.tensor_parameters("w", 1.0).method.filter_wise is True

@@ -10,8 +10,8 @@ JSON parsers would otherwise resolve silently.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from modelstock.dtypes import SAFETENSORS_DTYPE_BITS, element_count, tensor_nbytes

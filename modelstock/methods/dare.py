@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from modelstock.methods.registry import register
 from modelstock.methods.base import BaseBlock, Coefficients, Finalized, MergeMethod, Reduction, TensorParameters
+from modelstock.methods.registry import register
 from modelstock.methods.task_arithmetic import TaskVectorWeight, combine_task_vectors, lambda_field
 
 RESCALE_EPS = 1e-7

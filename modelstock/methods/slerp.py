@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from modelstock.methods.registry import register
 from modelstock.methods.base import BaseBlock, Coefficients, Finalized, MergeMethod, NoParameters, Reduction, TensorParameters
+from modelstock.methods.registry import register
 
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
@@ -52,12 +52,13 @@ def slerp_coefficients(norm_a: float, norm_b: float, dot: float, t: float) -> tu
 def finalize(reductions: torch.Tensor, coefficients: Coefficients, params: Parameters, count: int) -> Finalized:
     squared_a, squared_b, dot = (float(v) for v in reductions.reshape(3))
     t = params.method.t
-    coef_a, coef_b, cos, linear = slerp_coefficients(math.sqrt(max(squared_a, 0.0)), math.sqrt(max(squared_b, 0.0)), dot, t)
+    norm_a, norm_b = math.sqrt(max(squared_a, 0.0)), math.sqrt(max(squared_b, 0.0))
+    coef_a, coef_b, cos, linear = slerp_coefficients(norm_a, norm_b, dot, t)
     # Rounded to float32 so the bytes do not depend on the reduction's summation order (devices).
-    coefficients = torch.tensor([coef_a, coef_b], dtype=torch.float32).to(torch.float64)
-    values = {"t": t, "cos": cos, "theta": math.acos(cos), "coefficients": [float(c) for c in coefficients]}
+    pair = torch.tensor([coef_a, coef_b], dtype=torch.float32).to(torch.float64)
+    values = {"t": t, "cos": cos, "theta": math.acos(cos), "coefficients": [float(c) for c in pair]}
     return Finalized(
-        coefficients={"slerp": coefficients.unsqueeze(0)},
+        coefficients={"slerp": pair.unsqueeze(0)},
         values=values,
         flags=["collinear_linear_interpolation"] if linear else [],
     )

@@ -51,7 +51,9 @@ def add_command(sub: Any) -> None:
     merge.add_argument("--memory-budget", type=parse_size, default=DEFAULT_MEMORY_BUDGET,
                        help="tensor memory per worker; bigger tensors are processed in chunks (default 512MiB)")
     merge.add_argument("--io-concurrency", type=positive_int,
-                       help="ranged reads in flight per worker (default: 16 for object stores, 4 for local files)")
+                       help="ranged reads (8 MiB parts) in flight per worker, within --memory-budget (default: "
+                            "object stores and http 160 per node shared by its workers, 16-128 each; "
+                            "4 for local files; 16 for other stores)")
     merge.add_argument("--overwrite", action="store_true", help="replace whatever is at OUT_URL")
     merge.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                        help="where shards are merged: auto = GPUs when the cluster has them now; "

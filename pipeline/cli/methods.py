@@ -21,7 +21,7 @@ def parameter_table(kind: type) -> list[dict[str, Any]]:
     """One entry per parameter of a parameter dataclass: name, type and default (None: required)."""
     hints = typing.get_type_hints(kind)
     rows = []
-    for parameter in dataclasses.fields(kind):  # type: ignore[arg-type]
+    for parameter in dataclasses.fields(kind):
         required = parameter.default is dataclasses.MISSING and parameter.default_factory is dataclasses.MISSING
         rows.append({"name": recipe_name(parameter), "type": _type_name(hints[parameter.name]),
                      "required": required, "default": None if required else parameter.default})
