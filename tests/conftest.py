@@ -9,8 +9,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import cluster  # noqa: F401  - Ray environment defaults before ray is imported
 import pytest
+
+from cluster.ray_env import apply_to_process
+
+# This process runs only local Ray (ray_local, cluster_utils): loopback only, no token auth, no
+# usage stats, set before ray is imported. Clients of token-auth clusters run in subprocesses with
+# their own environment, or set it themselves (cluster.session and cluster.jobs re-read it).
+apply_to_process()
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")

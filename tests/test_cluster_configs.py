@@ -4,9 +4,11 @@ packaging, and our own CLI parser and recipe loader for every command they run."
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.metadata
 import json
+import re
 import shlex
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -19,7 +21,8 @@ from packaging.requirements import InvalidRequirement, Requirement
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.runtime_env import RuntimeEnv
 
-from cluster.jobs import load_runtime_env, main as jobs_main, merge_entrypoint, submit_merge
+from cluster.jobs import check_merge_job, load_runtime_env, merge_entrypoint, refuse_credentials, submit_merge
+from cluster.jobs import main as jobs_main
 from modelstock.errors import InvalidRecipe
 from modelstock.recipe import load_recipe
 from pipeline.cli import build_parser
@@ -61,10 +64,8 @@ def _pip_installs(commands: list[str]) -> list[list[str]]:
 def _requirement_names(args: list[str]) -> set[str]:
     names = set()
     for spec in _requirements(args):
-        try:
+        with contextlib.suppress(InvalidRequirement):  # a path, e.g. the project's own folder
             names.add(Requirement(spec).name)
-        except InvalidRequirement:  # a path, e.g. the project's own folder
-            pass
     return names
 
 
@@ -160,6 +161,76 @@ def test_launcher_installs_this_project_with_pinned_torch(name: str) -> None:
         assert extras <= _extras() and "jobs" in extras
 
 
+# --- who gets in: Ray token authentication (issue #14) -------------------------------------------
+
+
+def _ray_starts(commands: list[str]) -> list[tuple[dict[str, str], dict]]:
+    """Each `ray start` in ``commands``: the variables its command line assigns, and its
+    parameters as Ray's own CLI parses them."""
+    from ray.scripts.scripts import start
+
+    found = []
+    for command in commands:
+        for part in command.split(";"):
+            words = shlex.split(part)
+            env = {}
+            while words and "=" in words[0] and not words[0].startswith("-"):
+                key, _, value = words.pop(0).partition("=")
+                env[key] = value
+            if words[:2] == ["ray", "start"]:
+                found.append((env, start.make_context("start", words[2:]).params))
+    return found
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_launcher_starts_every_node_with_token_auth_and_the_job_api_on_loopback(name: str) -> None:
+    config = _launcher(name)
+    head_starts = _ray_starts(config["head_start_ray_commands"])
+    worker_starts = _ray_starts(config["worker_start_ray_commands"])
+    assert len(head_starts) == 1 and len(worker_starts) == 1
+    (head_env, head), (worker_env, _) = head_starts[0], worker_starts[0]
+    assert head["head"] and head["dashboard_host"] == "127.0.0.1"  # reached through `ray dashboard`'s tunnel
+    token_paths = set()
+    for env in (head_env, worker_env):
+        assert env["RAY_AUTH_MODE"] == "token"
+        assert "RAY_AUTH_TOKEN" not in env, "a token on a command line shows in logs and `ps`"
+        token_paths.add(env["RAY_AUTH_TOKEN_PATH"].replace("$HOME", "~", 1))
+    assert len(token_paths) == 1, "head and workers must read the same token"
+    token_path = PurePosixPath(token_paths.pop())
+
+    # The head makes the token once (reruns of `ray up` keep it), readable by its user only, and
+    # prints nothing...
+    makers = [command for command in config["head_setup_commands"] if str(token_path) in command]
+    assert len(makers) == 1
+    assert "umask 077" in makers[0] and f"test -s {token_path}" in makers[0] and f"> {token_path}" in makers[0]
+    # ...into a file mount, which the autoscaler copies from the head to each worker it starts. The
+    # mount's source here holds no token.
+    source = REPO / config["file_mounts"][str(token_path.parent)]
+    assert sorted(path.name for path in source.iterdir()) == [".gitignore", "README.md"]
+    # The header shows submitters how to fetch exactly that file.
+    fetches = [words for words in _documented_commands(CONFIGS / name) if words[:2] == ["ray", "rsync-down"]]
+    assert [words[2:4] for words in fetches] == [[f"cluster/configs/{name}", str(token_path)]]
+    assert "RAY_AUTH_MODE=disabled" not in (CONFIGS / name).read_text()
+
+
+def test_rayjob_turns_on_token_auth_from_a_kuberay_secret() -> None:
+    job, _ = _rayjob_documents()
+    cluster = job["spec"]["rayClusterSpec"]
+    # KubeRay >= 1.5.1 makes a Secret with a random token for the cluster and hands it to every Ray
+    # container, the autoscaler and the job submitter (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN).
+    assert cluster["authOptions"]["mode"] == "token"
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    pod_specs = [group["template"]["spec"] for group in groups]
+    if "submitterPodTemplate" in job["spec"]:
+        pod_specs.append(job["spec"]["submitterPodTemplate"]["spec"])
+    for container in (c for spec in pod_specs for c in spec["containers"]):
+        env = {variable["name"]: variable for variable in container.get("env", [])}
+        assert env.get("RAY_AUTH_MODE", {"value": "token"}).get("value") == "token", container["name"]
+        assert "value" not in env.get("RAY_AUTH_TOKEN", {}), "a token in the manifest is readable by all who read it"
+    # Neither the runtime env nor the entrypoint, both shown by the dashboard, carries a credential.
+    refuse_credentials(yaml.safe_load(job["spec"]["runtimeEnvYAML"]), shlex.split(job["spec"]["entrypoint"])[2:])
+
+
 # --- KubeRay RayJob -----------------------------------------------------------------------------
 
 
@@ -253,6 +324,7 @@ def test_runtime_env_file_validates_and_uploads_a_small_checkout(tmp_path: Path)
     runtime_env = load_runtime_env(CONFIGS / "runtime_env.yaml")
     RuntimeEnv(**runtime_env)
     assert _string_map(runtime_env["env_vars"])
+    refuse_credentials(runtime_env, [])  # the dashboard shows a job's runtime env
     for spec in runtime_env.get("pip", []):
         assert Requirement(spec).name not in {"torch", "ray"}, "the cluster's torch and Ray must not be replaced"
 
@@ -262,7 +334,7 @@ def test_runtime_env_file_validates_and_uploads_a_small_checkout(tmp_path: Path)
                    excludes=runtime_env["excludes"])
     assert package.stat().st_size < GCS_STORAGE_MAX_SIZE
     names = zipfile.ZipFile(package).namelist()
-    assert {"pyproject.toml", "pipeline/cli.py", "modelstock/recipe.py"} <= set(names)
+    assert {"pyproject.toml", "pipeline/cli/__init__.py", "modelstock/recipe.py"} <= set(names)
     assert not [n for n in names if n.split("/")[0] in {".git", ".venv"} or "__pycache__" in n]
 
 
@@ -318,6 +390,8 @@ def test_documented_commands_use_real_flags_and_files(name: str, monkeypatch: py
             _check_merge(["modelstock", "merge", *parse_command_line(words[3:]).merge_args, "r.yml", "s3://b/o"])
         elif words[:2] in (["ray", "up"], ["ray", "down"], ["ray", "dashboard"]):
             assert (REPO / words[-1]).is_file(), words
+        elif words[:2] == ["ray", "rsync-down"]:
+            assert (REPO / words[2]).is_file(), words
         elif words[:2] == ["kubectl", "apply"]:
             assert (REPO / words[words.index("-f") + 1]).is_file(), words
 
@@ -345,6 +419,32 @@ def test_submit_merge_refuses_recipes_it_cannot_ship(tmp_path: Path) -> None:
         submit_merge(address, recipe, "s3://b/out", runtime_env={"working_dir": str(tmp_path / "elsewhere")})
     with pytest.raises(InvalidRecipe, match="remote working dir"):
         submit_merge(address, recipe, "s3://b/out", runtime_env={"working_dir": "s3://b/code.zip"})
+
+
+@pytest.mark.parametrize(("runtime_env", "merge_args", "named"), [
+    ({"env_vars": {"AWS_SECRET_ACCESS_KEY": "x"}}, [], "env_vars.AWS_SECRET_ACCESS_KEY"),
+    ({"env_vars": {"RAY_AUTH_TOKEN": "x"}}, [], "env_vars.RAY_AUTH_TOKEN"),
+    ({"env_vars": {"HF_TOKEN": "x"}}, [], "env_vars.HF_TOKEN"),
+    ({}, ["--storage-options", '{"key": "a", "secret": "b"}'], "--storage-options: key "),
+    ({}, ['--storage-options={"client_kwargs": {"aws_session_token": "t"}}'], "client_kwargs.aws_session_token"),
+    ({}, ["--shard-size", "5GB", "--storage-options", '{"account_key": "k"}'], "account_key"),
+])
+def test_submit_merge_keeps_credentials_out_of_what_the_dashboard_shows(
+    tmp_path: Path, runtime_env: dict, merge_args: list[str], named: str,
+) -> None:
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text("merge_method: model_stock\n")
+    # Refused before any connection: no cluster is listening at this address.
+    with pytest.raises(InvalidRecipe, match=re.escape(named)):
+        submit_merge("http://127.0.0.1:9", recipe, "s3://b/out", runtime_env=runtime_env, merge_args=merge_args)
+
+
+def test_job_checks_let_ordinary_settings_through(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text("merge_method: model_stock\n")
+    env_vars = {"PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "10", "MALLOC_ARENA_MAX": "2", "KEYCLOAK_URL": "x"}
+    options = '{"profile": "merge", "anon": false, "client_kwargs": {"endpoint_url": "http://x"}}'
+    assert check_merge_job(recipe, {"env_vars": env_vars}, ["--storage-options", options]) is None
 
 
 def test_jobs_cli_bad_recipe_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
