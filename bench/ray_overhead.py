@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 
-import cluster  # noqa: F401  - Ray's environment defaults, as the CLI sets them
-from cluster.session import ray_session
+import ray
 
-import ray  # noqa: E402
+from cluster.session import ray_session
 
 
 @ray.remote(num_cpus=1)

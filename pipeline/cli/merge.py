@@ -1,15 +1,55 @@
-"""``modelstock merge CONFIG.yml OUT_URL``: plan from headers, merge on Ray, optionally evaluate."""
+"""``modelstock merge CONFIG.yml OUT_URL``: plan from headers, merge on Ray, optionally evaluate.
+
+Ray starts while the driver reads headers and plans, unless planning is over quickly (local
+inputs): then bad input is refused before Ray starts at all. Once Ray is up, workers warm up
+(import torch and the merge code) while planning goes on.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from cluster.session import ray_session
+from cluster.session import start_session
 from modelstock.recipe import load_recipe
 from pipeline.cli.evaluate import evaluate_merged
 from pipeline.cli.options import EXIT_OK, RunOptions, add_ray_options, parse_size, positive_int
-from pipeline.driver import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, MergeRequest, prepare_merge, run_merge
+from pipeline.driver import (
+    DEFAULT_MEMORY_BUDGET,
+    DEFAULT_SHARD_SIZE,
+    MergeRequest,
+    MergeResult,
+    PreparedMerge,
+    prepare_merge,
+    run_merge,
+)
+from pipeline.warmup import warm_workers
+
+# Planning that takes longer than this (object stores, big checkpoints) overlaps Ray's start.
+QUICK_PLAN_S = 0.3
+
+
+def _merge(request: MergeRequest, options: RunOptions, suite: str | None) -> MergeResult:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan") as planner:
+        planning: Future[PreparedMerge] = planner.submit(prepare_merge, request)
+        try:
+            prepared: PreparedMerge | None = planning.result(timeout=QUICK_PLAN_S)
+        except FutureTimeout:
+            prepared = None
+        with start_session(options.address, num_cpus=options.workers, quiet=options.quiet) as starting:
+            if prepared is None:
+                session = starting.wait()
+                warm_workers(min(math.floor(session.cpus), 64))
+                prepared = planning.result()
+            else:
+                starting.wait()
+            result = run_merge(request, prepared)
+            if suite:  # the merge just written, on the same Ray session
+                evaluate_merged(result.out_url, suite, options)
+    return result
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,11 +66,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         io_concurrency=args.io_concurrency,
     )
-    prepared = prepare_merge(request)  # headers and plan first: bad input never waits for Ray
-    with ray_session(options.address, num_cpus=options.workers, quiet=options.quiet):
-        result = run_merge(request, prepared)
-        if args.eval:  # the merge just written, on the same Ray session
-            evaluate_merged(result.out_url, args.eval, options)
+    result = _merge(request, options, args.eval)
     if result.already_complete:
         print(f"{result.out_url}: already complete (same recipe and inputs); nothing to do")
     else:
@@ -51,9 +87,7 @@ def add_command(sub: Any) -> None:
     merge.add_argument("--memory-budget", type=parse_size, default=DEFAULT_MEMORY_BUDGET,
                        help="tensor memory per worker; bigger tensors are processed in chunks (default 512MiB)")
     merge.add_argument("--io-concurrency", type=positive_int,
-                       help="ranged reads (8 MiB parts) in flight per worker, within --memory-budget (default: "
-                            "object stores and http 160 per node shared by its workers, 16-128 each; "
-                            "4 for local files; 16 for other stores)")
+                       help="ranged reads in flight per worker (default: sized by backend and node)")
     merge.add_argument("--overwrite", action="store_true", help="replace whatever is at OUT_URL")
     merge.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                        help="where shards are merged: auto = GPUs when the cluster has them now; "

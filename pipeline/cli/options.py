@@ -81,7 +81,9 @@ def add_storage_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_ray_options(parser: argparse.ArgumentParser, workers_help: str) -> None:
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray); "
+                                          "a cluster with token auth needs RAY_AUTH_MODE=token and the token "
+                                          "(RAY_AUTH_TOKEN_PATH, RAY_AUTH_TOKEN or ~/.ray/auth_token)")
     parser.add_argument("--workers", type=positive_int, help=workers_help)
     add_storage_option(parser)
 
