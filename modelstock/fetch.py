@@ -2,18 +2,28 @@
 
 The shard knows in advance every chunk the engine will ask for (each tensor's chunk plan), so
 reads are issued in that order as soon as the byte budget allows: while one tensor is merged the
-next ones are already arriving. Each chunk is one byte range per input; a range is split into
-parts of at most ``PART_BYTES`` read concurrently, each straight into its place in one
-preallocated buffer per range.
+next ones are already arriving. Each chunk is one byte range per input, and each range one
+preallocated buffer, read as parts of at most ``PART_BYTES`` with many parts in flight, each
+straight into its place. Small ranges that lie next to each other in one file (norms, biases of
+consecutive layers) share one buffer and one request, and are sliced after.
+
+Parts on async backends (s3, gs, az, http) run as coroutines on the filesystem's own event loop,
+so 64 requests in flight cost no threads; sync backends (local files, hf, procedural) use a few
+threads. Every read is held to the input's pinned version (``modelstock.storage``).
+docs/ARCHITECTURE.md, "Storage I/O".
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import math
+import mmap
 import threading
 import warnings
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -25,12 +35,38 @@ from modelstock.dtypes import row_view, to_torch
 from modelstock.engine import LoadedChunk
 from modelstock.storage import Location
 
-PART_BYTES = 16 * 1024 * 1024
-DEFAULT_IO_CONCURRENCY = 16
+MIB = 1024 * 1024
+# AWS's guidance for S3 is 8-16 MB per ranged GET: big enough that the first-byte latency is
+# a few percent of a part, small enough that many parts fit in the budget at once.
+PART_BYTES = 8 * MIB
+# Ranges below this may share a request with their neighbours in the file, up to the second size.
+COALESCE_BELOW_BYTES = 1 * MIB
+COALESCED_REQUEST_BYTES = 8 * MIB
+MAPPED_BUFFER_MIN_BYTES = 1 * MIB  # smaller read buffers come from the heap (see mapped_buffer)
 LOCAL_IO_CONCURRENCY = 4  # local reads are memory copies: more threads only contend for the cores
+SYNC_IO_CONCURRENCY = 16  # threads for sync remote backends (hf, procedural)
+# One request streams ~85-90 MB/s from a cloud object store, so a 100 Gb/s node needs ~150 in
+# flight, shared by the shard tasks on it; a task keeps at least 16, and at most 128 (one event
+# loop thread moves every byte of a worker's requests).
+NODE_REQUESTS_IN_FLIGHT = 160
+MIN_ASYNC_IO_CONCURRENCY = 16
+MAX_ASYNC_IO_CONCURRENCY = 128
 
 ChunkKey = tuple[int, int, int]  # (tensor index in the shard, first row, row after the last)
 Allocator = Callable[[int], memoryview]
+RangeKey = tuple[str, int, int]  # (object URL, start, end)
+
+
+def default_io_concurrency(locations: Iterable[Location], tasks_per_node: int = 1) -> int:
+    """Requests in flight per worker: enough for a 100 Gb/s node shared by ``tasks_per_node``
+    shard tasks on object stores; a few threads for local files; more for sync remote stores."""
+    found = list(locations)
+    if any(location.is_async for location in found):
+        share = math.ceil(NODE_REQUESTS_IN_FLIGHT / max(1, tasks_per_node))
+        return max(MIN_ASYNC_IO_CONCURRENCY, min(MAX_ASYNC_IO_CONCURRENCY, share))
+    if all(location.is_local for location in found):
+        return LOCAL_IO_CONCURRENCY
+    return SYNC_IO_CONCURRENCY
 
 
 @dataclass(frozen=True)
@@ -47,6 +83,10 @@ class RangeRead:
     @property
     def nbytes(self) -> int:
         return self.end - self.start
+
+    @property
+    def key(self) -> RangeKey:
+        return (self.location.url, self.start, self.end)
 
 
 @dataclass(frozen=True)
@@ -77,6 +117,18 @@ def heap_buffer(nbytes: int) -> memoryview:
     return memoryview(torch.empty(nbytes, dtype=torch.uint8).numpy())  # type: ignore[arg-type]
 
 
+def mapped_buffer(nbytes: int) -> memoryview:
+    """Fresh anonymous pages, returned to the system as soon as the last view of them goes.
+
+    For reads from the network: their first-touch page faults cost little next to the transfer,
+    and they never fragment the heap (measured: chunks of 70B-wide tensors left a worker's heap
+    ~600 MiB above its 512 MiB budget; with mapped buffers it stays under it). Local reads, which
+    are memory copies, keep ``heap_buffer`` (page faults there would halve their speed)."""
+    if nbytes < MAPPED_BUFFER_MIN_BYTES:
+        return heap_buffer(nbytes)
+    return memoryview(mmap.mmap(-1, nbytes))
+
+
 def pinned_buffer(nbytes: int) -> memoryview:
     """Page-locked host memory: host-to-GPU copies from it run asynchronously."""
     return memoryview(torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy())  # type: ignore[arg-type]
@@ -92,26 +144,86 @@ def as_tensor(buffer: memoryview, read: RangeRead) -> torch.Tensor:
         return torch.frombuffer(buffer, dtype=to_torch(read.dtype)).reshape(read.rows, read.cols)
 
 
-def _parts(read: RangeRead, part_bytes: int) -> list[tuple[int, int]]:
-    """(offset in the range, length) of each part."""
-    return [(offset, min(part_bytes, read.nbytes - offset)) for offset in range(0, read.nbytes, part_bytes)]
+class CoalescedRange:
+    """Small ranges next to each other in one object, read by one request: ``[start, end)``,
+    needed by ``users`` chunk reads (its buffer is freed when the last one releases it)."""
+
+    def __init__(self, location: Location, start: int, end: int, users: int) -> None:
+        self.location, self.start, self.end, self.users = location, start, end, users
+
+
+def coalesce_small_ranges(ranges: Iterable[RangeRead], below: int = COALESCE_BELOW_BYTES,
+                          limit: int = COALESCED_REQUEST_BYTES) -> dict[RangeKey, tuple[CoalescedRange, int]]:
+    """For each small range that shares a request: the request, and the range's offset in it.
+
+    Only ranges read once qualify (a range read again on a later pass keeps its own request),
+    and only exact neighbours (no gap is read: every byte fetched is a byte needed)."""
+    ranges = list(ranges)
+    uses = Counter(r.key for r in ranges)
+    by_file: dict[str, list[RangeRead]] = defaultdict(list)
+    for r in ranges:
+        if 0 < r.nbytes < below and uses[r.key] == 1:
+            by_file[r.location.url].append(r)
+    shared: dict[RangeKey, tuple[CoalescedRange, int]] = {}
+
+    def close_run(run: list[RangeRead]) -> None:
+        if len(run) > 1:
+            request = CoalescedRange(run[0].location, run[0].start, run[-1].end, len(run))
+            shared.update({r.key: (request, r.start - request.start) for r in run})
+
+    for small in by_file.values():
+        small.sort(key=lambda r: r.start)
+        run = [small[0]]
+        for r in small[1:]:
+            if r.start == run[-1].end and r.end - run[0].start <= limit:
+                run.append(r)
+            else:
+                close_run(run)
+                run = [r]
+        close_run(run)
+    return shared
+
+
+class _Buffer:
+    """One request's bytes (``[start, end)`` of one object) in one buffer, read as parts."""
+
+    def __init__(self, nbytes: int, view: memoryview, users: int) -> None:
+        self.nbytes, self.view, self.users = nbytes, view, users
+        self.parts: list[Future[None]] = []
+
+
+_NO_BYTES = memoryview(b"")
+
+
+@dataclass(eq=False)
+class _Part:
+    """One ranged GET of a buffer's bytes: ``done`` completes when it is in (or failed for good)."""
+
+    location: Location
+    start: int
+    view: memoryview
+    done: Future[None]
+    running: Future[None] | None = None
 
 
 class _Pending:
-    """One chunk being read: its buffers and the futures of its parts."""
+    """One chunk started: a view of each input's rows, and the buffers they live in."""
 
-    def __init__(self, chunk: ChunkRead, buffers: list[memoryview], parts: list[Future[None]]) -> None:
-        self.chunk = chunk
-        self.buffers = buffers
-        self.parts = parts
+    def __init__(self, chunk: ChunkRead, views: list[memoryview], buffers: list[_Buffer]) -> None:
+        self.chunk, self.views, self.buffers = chunk, views, buffers
+
+    @property
+    def parts(self) -> list[Future[None]]:
+        return [part for buffer in self.buffers for part in buffer.parts]
 
 
 class ChunkFetcher:
     """Reads ``schedule`` ahead of use; ``read`` hands out chunks in schedule order.
 
     At most ``budget`` bytes are held at once (being read, or handed out and not yet released),
-    except that one chunk is always allowed when nothing else is held. A chunk asked for out of
-    schedule order (error paths, fallbacks) is read directly, outside the budget.
+    except that the chunk the engine asks for next is always started; at most ``concurrency``
+    parts are in flight. A chunk asked for out of schedule order (error paths, fallbacks) is read
+    directly, outside the budget.
     """
 
     def __init__(
@@ -119,78 +231,189 @@ class ChunkFetcher:
         schedule: Sequence[ChunkRead],
         describe: Callable[[ChunkKey], ChunkRead],
         budget: int,
-        concurrency: int = DEFAULT_IO_CONCURRENCY,
+        concurrency: int | None = None,
         part_bytes: int = PART_BYTES,
         allocate: Allocator = heap_buffer,
+        coalesce_below: int = COALESCE_BELOW_BYTES,
     ) -> None:
-        """``describe(key)`` says what any chunk reads (for chunks asked out of schedule order)."""
+        """``describe(key)`` says what any chunk reads (for chunks asked out of schedule order);
+        ``concurrency`` defaults by backend (``default_io_concurrency``)."""
         self.schedule = list(schedule)
         self.describe = describe
         self.budget = budget
-        self.part_bytes = part_bytes
+        self.part_bytes = max(1, part_bytes)
         self.allocate = allocate
-        self._pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="fetch")
+        all_ranges = [r for chunk in self.schedule for r in chunk.ranges]
+        self.concurrency = max(1, concurrency or default_io_concurrency(r.location for r in all_ranges))
+        self._coalesced = coalesce_small_ranges(all_ranges, below=coalesce_below) if coalesce_below else {}
+        self._coalesced_buffers: dict[int, _Buffer] = {}  # id(CoalescedRange) -> its buffer, while used
         self._lock = threading.Lock()
         self._held = 0
         self._next_start = 0  # index of the next chunk of the schedule to start reading
         self._next_use = 0  # index of the next chunk of the schedule to hand out
         self._pending: dict[int, _Pending] = {}
+        self._queue: deque[_Part] = deque()
+        self._running: set[_Part] = set()
+        self._threads: ThreadPoolExecutor | None = None
+        self._closed = False
         self.bytes_read = 0
+        self.requests = 0
+        self.peak_held = 0  # the most input bytes held at once (read, being read, or handed out)
 
     def __enter__(self) -> ChunkFetcher:
         self._top_up()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.close()
 
     def close(self) -> None:
-        for pending in self._pending.values():
-            for part in pending.parts:
-                part.cancel()
-        self._pending.clear()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._closed = True
+            queued, running = list(self._queue), list(self._running)
+            self._queue.clear()
+            self._pending.clear()
+        for part in queued:
+            part.done.cancel()
+        for part in running:
+            in_flight = part.running  # read once: a completing part clears it meanwhile
+            if in_flight is not None:
+                in_flight.cancel()
+        if self._threads is not None:
+            self._threads.shutdown(wait=True, cancel_futures=True)
+
+    # Starting chunks (under the lock)
+
+    def _new_bytes(self, index: int) -> int:
+        """Bytes starting chunk ``index`` would add to what is held."""
+        total, counted = 0, set()
+        for r in self.schedule[index].ranges:
+            shared = self._coalesced.get(r.key)
+            if shared is None:
+                total += r.nbytes
+            elif id(shared[0]) not in self._coalesced_buffers and id(shared[0]) not in counted:
+                counted.add(id(shared[0]))
+                total += shared[0].end - shared[0].start
+        return total
+
+    def _open(self, location: Location, start: int, end: int, users: int) -> _Buffer:
+        """A buffer for ``[start, end)`` of one object, its parts queued."""
+        nbytes = end - start
+        buffer = _Buffer(nbytes, self.allocate(nbytes), users)
+        for offset in range(0, nbytes, self.part_bytes):
+            length = min(self.part_bytes, nbytes - offset)
+            part = _Part(location, start + offset, buffer.view[offset : offset + length], Future())
+            buffer.parts.append(part.done)
+            self._queue.append(part)
+        self._held += nbytes
+        self.peak_held = max(self.peak_held, self._held)
+        self.bytes_read += nbytes
+        self.requests += len(buffer.parts)
+        return buffer
 
     def _start(self, index: int) -> None:
         chunk = self.schedule[index]
-        buffers = [self.allocate(r.nbytes) for r in chunk.ranges]
-        parts = [
-            self._pool.submit(storage.read_into, r.location, r.start + offset, buffer[offset : offset + length])
-            for r, buffer in zip(chunk.ranges, buffers)
-            for offset, length in _parts(r, self.part_bytes)
-        ]
-        self._pending[index] = _Pending(chunk, buffers, parts)
-        self.bytes_read += chunk.nbytes
+        views: list[memoryview] = []
+        buffers: list[_Buffer] = []
+        for r in chunk.ranges:
+            shared = self._coalesced.get(r.key)
+            if shared is None:
+                buffer = self._open(r.location, r.start, r.end, users=1)
+                views.append(buffer.view)
+            else:
+                request, offset = shared
+                opened = self._coalesced_buffers.get(id(request))
+                if opened is None:
+                    opened = self._open(request.location, request.start, request.end, request.users)
+                    self._coalesced_buffers[id(request)] = opened
+                buffer = opened
+                views.append(buffer.view[offset : offset + r.nbytes])
+            buffers.append(buffer)
+        self._pending[index] = _Pending(chunk, views, buffers)
+
+    def _take_parts(self) -> list[_Part]:
+        """Parts to send now: the queue's head, up to ``concurrency`` in flight."""
+        taken = []
+        while self._queue and len(self._running) < self.concurrency and not self._closed:
+            part = self._queue.popleft()
+            self._running.add(part)
+            taken.append(part)
+        return taken
 
     def _top_up(self) -> None:
         with self._lock:
-            while self._next_start < len(self.schedule):
-                size = self.schedule[self._next_start].nbytes
-                if self._held and self._held + size > self.budget:
-                    return
-                self._held += size
+            while self._next_start < len(self.schedule) and not self._closed:
+                size = self._new_bytes(self._next_start)
+                waited_for = self._next_start == self._next_use  # the engine needs it next: always start
+                if not waited_for and self._held and self._held + size > self.budget:
+                    break
                 self._start(self._next_start)
                 self._next_start += 1
+            parts = self._take_parts()
+        self._send(parts)
 
-    def _release(self, size: int) -> None:
+    # Parts in flight (outside the lock)
+
+    def _send(self, parts: list[_Part]) -> None:
+        for part in parts:
+            location = part.location
+            if self._closed:  # taken just before close: nobody waits for it any more
+                part.done.cancel()
+                continue
+            running: Future[None]
+            if location.is_async:
+                coroutine = storage.read_into_async(location, part.start, part.view)
+                running = asyncio.run_coroutine_threadsafe(coroutine, location.fs.loop)
+            else:
+                if self._threads is None:
+                    self._threads = ThreadPoolExecutor(self.concurrency, thread_name_prefix="fetch")
+                running = self._threads.submit(storage.read_into, location, part.start, part.view)
+            part.running = running
+            running.add_done_callback(functools.partial(self._part_done, part))
+
+    def _part_done(self, part: _Part, running: Future[None]) -> None:
+        # Break the part <-> future cycle now: the buffer must go when its chunk is released, not
+        # whenever the garbage collector next runs.
+        part.running, part.view = None, _NO_BYTES
+        if running.cancelled():
+            part.done.cancel()
+        elif (error := running.exception()) is not None:
+            part.done.set_exception(error)
+        else:
+            part.done.set_result(None)
         with self._lock:
-            self._held -= size
-        self._top_up()
+            self._running.discard(part)
+            parts = self._take_parts()
+        self._send(parts)
+
+    # Handing chunks out
 
     def read(self, key: ChunkKey) -> LoadedChunk:
         """The chunk ``key``: the next one in the schedule, or (out of order) a direct read."""
         index = self._next_use
         if index >= len(self.schedule) or self.schedule[index].key != key:
             return self.read_directly(key)
-        self._next_use += 1
+        self._top_up()  # starts it if the budget held it back
+        with self._lock:
+            pending = self._pending.pop(index)
+            self._next_use += 1
+        parts = pending.parts
+        wait(parts, return_when=FIRST_EXCEPTION)
+        for part in parts:
+            if part.done() and part.exception() is not None:
+                raise part.exception()  # type: ignore[misc]  # the part's storage error, as raised
+        tensors = [as_tensor(view, r) for view, r in zip(pending.views, pending.chunk.ranges)]
+        return LoadedChunk(key[1], key[2], tensors, on_release=lambda: self._release(pending.buffers))
+
+    def _release(self, buffers: list[_Buffer]) -> None:
+        with self._lock:
+            for buffer in buffers:
+                buffer.users -= 1
+                if buffer.users == 0:
+                    self._held -= buffer.nbytes
+            self._coalesced_buffers = {k: b for k, b in self._coalesced_buffers.items() if b.users > 0}
         self._top_up()
-        pending = self._pending.pop(index)
-        done, _ = wait(pending.parts)
-        for part in done:
-            part.result()  # raises the part's storage error
-        size = pending.chunk.nbytes
-        tensors = [as_tensor(buffer, r) for buffer, r in zip(pending.buffers, pending.chunk.ranges)]
-        return LoadedChunk(key[1], key[2], tensors, on_release=lambda: self._release(size))
 
     def read_directly(self, key: ChunkKey) -> LoadedChunk:
         chunk = self.describe(key)

@@ -11,6 +11,7 @@ import ctypes
 import functools
 import logging
 import math
+import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -88,6 +89,14 @@ def keep_large_buffers_in_heap() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 128 << 20)
 
 
+def tasks_per_node(device: torch.device, threads: int) -> int:
+    """About how many shard tasks share this node (and its network): one per GPU, or as many as
+    its cores hold at ``threads`` each. Sizes the default number of reads in flight."""
+    if device.type == "cuda":
+        return max(1, torch.cuda.device_count())
+    return max(1, (os.cpu_count() or 1) // max(1, threads))
+
+
 def produce_shard(task: ShardTask, node_id: str = "", threads: int = 1) -> ShardOutcome:
     """Resume or compute one shard; the body of the Ray task (usable without Ray)."""
     keep_large_buffers_in_heap()
@@ -103,6 +112,7 @@ def produce_shard(task: ShardTask, node_id: str = "", threads: int = 1) -> Shard
     merged = merge_into_shard(
         out.join(task.shard.file), task.shard.tensors, task.memory_budget, device,
         threads=1 if device.type == "cuda" else threads, io_concurrency=task.io_concurrency,
+        tasks_per_node=tasks_per_node(device, threads),
     )
     attempt = uuid.uuid4().hex
     write_shard_record(

@@ -221,7 +221,7 @@ def test_output_store_gone_for_good_fails_with_exit_1_and_no_manifest(
     base, tuned = family
     recipe = tmp_path / "r.yml"
     recipe.write_text(f"merge_method: model_stock\nbase_model: {base}\nmodels:\n" + "".join(f"  - model: {t}\n" for t in tuned))
-    monkeypatch.setattr(storage, "RETRY_DELAYS_S", (0.05, 0.05))
+    monkeypatch.setattr(storage, "RETRY_POLICY", storage.RetryPolicy(first_delay_s=0.05, max_attempts=3, deadline_s=1))
     real_commit = driver.commit
 
     def commit_after_outage(*args, **kwargs):

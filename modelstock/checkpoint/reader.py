@@ -15,7 +15,7 @@ import re
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from modelstock.checkpoint.header import (
 )
 from modelstock.dtypes import to_torch
 from modelstock.errors import InvalidCheckpoint
-from modelstock.storage import Location
+from modelstock.storage import Location, ObjectVersion
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -43,12 +43,17 @@ MAX_INDEX_BYTES = 64 * 1024 * 1024
 
 @dataclass(frozen=True)
 class FileFingerprint:
-    """Identifies an input file's content cheaply: size, ETag where the store has one, header hash."""
+    """Identifies an input file's content cheaply: size, ETag where the store has one, header hash.
+
+    ``version`` is the same observation as the store states it (quoted ETag; mtime and inode for
+    local files): every later ranged read of the file is held to it (``storage.ObjectVersion``).
+    It is not part of plan digests, which use the first three fields."""
 
     url: str
     size: int
     etag: str | None
     header_sha256: str
+    version: ObjectVersion | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -79,11 +84,14 @@ class Checkpoint:
 
 
 def read_header(location: Location) -> tuple[SafetensorsHeader, FileFingerprint]:
-    """Read and validate one file's header with one (rarely two) ranged requests."""
+    """Read and validate one file's header with one (rarely two) ranged requests, both held to
+    the version the first metadata request saw."""
     info = storage.object_info(location)
     if info.get("type") == "directory":
         raise InvalidCheckpoint(f"{location.url}: is a directory, expected a .safetensors file")
     size = int(info.get("size") or 0)
+    version = ObjectVersion.from_info(info)
+    location = location.pinned(version)
     prefix = bytes(storage.read_range(location, 0, min(size, SPECULATIVE_HEADER_READ))) if size else b""
     length = declared_header_length(location.url, prefix, size)
     end = LENGTH_PREFIX_BYTES + length
@@ -97,8 +105,13 @@ def read_header(location: Location) -> tuple[SafetensorsHeader, FileFingerprint]
         size=size,
         etag=str(etag).strip('"') if etag else None,
         header_sha256=hashlib.sha256(header_blob).hexdigest(),
+        version=version,
     )
     return header, fingerprint
+
+
+def _pinned(location: Location, fingerprint: FileFingerprint) -> Location:
+    return location.pinned(fingerprint.version) if fingerprint.version is not None else location
 
 
 def _safe_shard_name(index_url: str, tensor: str, file_name: object) -> str:
@@ -159,7 +172,8 @@ def open_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None) 
     root = storage.resolve(url, storage_options)
     if root.path.endswith(".safetensors"):
         header, fingerprint = read_header(root)
-        single = {name: TensorLocation(root, entry) for name, entry in header.tensors.items()}
+        pinned = _pinned(root, fingerprint)
+        single = {name: TensorLocation(pinned, entry) for name, entry in header.tensors.items()}
         return Checkpoint(url=root.url, tensors=single, files=(fingerprint,), index_metadata={})
 
     names = storage.list_names(root)
@@ -180,7 +194,8 @@ def open_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None) 
         headers = list(pool.map(read_header, shard_locations))
 
     tensors: dict[str, TensorLocation] = {}
-    for location, (header, _) in zip(shard_locations, headers):
+    for unpinned, (header, fingerprint) in zip(shard_locations, headers):
+        location = _pinned(unpinned, fingerprint)
         shard_name = posixpath.basename(location.path)
         for name, entry in header.tensors.items():
             if name in tensors:

@@ -1,19 +1,19 @@
 """Streaming safetensors writer: the header first (every shape is known from the plan), then
-tensor bytes in order, hashed on the way. Memory stays at one block, never a whole shard.
+tensor bytes in order, hashed on the way. Memory stays at a few blocks and upload parts, never a
+whole shard.
 
-Local files are written under a temporary name and renamed when complete; object stores only
-make an object visible when its (multipart) upload completes, so either way a shard is whole
-or absent.
+Bytes go to a ``storage.ObjectWriter``: local files are written under a temporary name and
+renamed when complete; on S3 the shard is a multipart upload with several parts in flight that
+becomes visible only when completed (and an abort leaves no upload behind); other stores use
+fsspec's buffered file. Either way a shard is whole or absent.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
 import queue
 import threading
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -23,11 +23,10 @@ import torch
 from modelstock import storage
 from modelstock.checkpoint.header import LENGTH_PREFIX_BYTES
 from modelstock.dtypes import tensor_nbytes
-from modelstock.errors import StorageError
+from modelstock.errors import ModelStockError, StorageError
 from modelstock.storage import Location
 
 HEADER_ALIGNMENT = 8
-WRITE_BLOCK_SIZE = 64 * 1024 * 1024  # s3fs multipart part size: memory per open shard
 QUEUED_BLOCKS = 4  # blocks handed to the writer thread ahead of the disk/network
 
 
@@ -56,7 +55,8 @@ def encode_header(specs: Sequence[TensorSpec], metadata: dict[str, str] | None =
     header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
     for spec in specs:
-        header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape),
+                             "data_offsets": [offset, offset + spec.nbytes]}
         offset += spec.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-(len(raw) + LENGTH_PREFIX_BYTES) % HEADER_ALIGNMENT)
@@ -81,13 +81,10 @@ class ShardWriter:
         self._written_in_tensor = 0
         self._size = 0
         self._hash = hashlib.sha256()
-        self._temporary = (
-            f"{location.path}.partial-{uuid.uuid4().hex[:12]}" if location.is_local else location.path
-        )
-        self._handle = None
+        self._sink: storage.ObjectWriter | None = None
         # Hashing and writing run on a thread (both release the GIL) so they overlap the merge.
         self._queue: queue.Queue[memoryview | None] = queue.Queue(maxsize=QUEUED_BLOCKS)
-        self._sink: threading.Thread | None = None
+        self._drainer: threading.Thread | None = None
         self._sink_error: BaseException | None = None
 
     def _drain(self) -> None:
@@ -95,37 +92,34 @@ class ShardWriter:
             if self._sink_error is not None:
                 continue
             try:
-                assert self._handle is not None
-                self._handle.write(data)
+                assert self._sink is not None
+                self._sink.write(data)
                 self._hash.update(data)
-            except BaseException as exc:  # noqa: BLE001 - handed to the producing thread
+            except BaseException as exc:  # handed to the producing thread
                 self._sink_error = exc
 
     def _raise_sink_error(self) -> None:
         if self._sink_error is not None:
             exc = self._sink_error
+            if isinstance(exc, ModelStockError):
+                raise exc
             raise StorageError(f"{self.location.url}: write failed ({storage.describe(exc)})") from None
 
-    def _stop_sink(self) -> None:
-        if self._sink is not None:
+    def _stop_drainer(self) -> None:
+        if self._drainer is not None:
             self._queue.put(None)
-            self._sink.join()
-            self._sink = None
+            self._drainer.join()
+            self._drainer = None
 
-    def __enter__(self) -> "ShardWriter":
-        try:
-            if self.location.is_local:
-                self.location.fs.makedirs(posixpath.dirname(self.location.path), exist_ok=True)
-            self._handle = self.location.fs.open(self._temporary, "wb", block_size=WRITE_BLOCK_SIZE)
-        except OSError as exc:
-            raise StorageError(f"{self.location.url}: cannot open for writing ({storage.describe(exc)})") from None
-        self._sink = threading.Thread(target=self._drain, name="shard-writer", daemon=True)
-        self._sink.start()
+    def __enter__(self) -> ShardWriter:
+        self._sink = storage.open_object_writer(self.location, self._expected_size)
+        self._drainer = threading.Thread(target=self._drain, name="shard-writer", daemon=True)
+        self._drainer.start()
         self._write(memoryview(self._header))
         return self
 
     def _write(self, data: memoryview) -> None:
-        assert self._handle is not None
+        assert self._sink is not None
         self._raise_sink_error()
         self._queue.put(data)
         self._size += len(data)
@@ -147,45 +141,35 @@ class ShardWriter:
                 self._spec_index += 1
 
     def _finish(self) -> WrittenShard:
-        assert self._handle is not None
-        self._stop_sink()
+        assert self._sink is not None
+        self._stop_drainer()
         self._raise_sink_error()
         if self._size != self._expected_size:
             raise ValueError(
                 f"{self.location.url}: wrote {self._size} of {self._expected_size} bytes; the shard is incomplete"
             )
         try:
-            self._handle.close()
-            if self.location.is_local:
-                self.location.fs.mv(self._temporary, self.location.path)
-        except Exception as exc:  # noqa: BLE001 - re-raised as our storage error with the URL
+            self._sink.commit()
+        except ModelStockError:
+            raise
+        except Exception as exc:  # re-raised as our storage error with the URL
             raise StorageError(f"{self.location.url}: completing the write failed ({storage.describe(exc)})") from None
         return WrittenShard(url=self.location.url, size=self._size, sha256=self._hash.hexdigest())
 
     def _abort(self) -> None:
-        if self._handle is None:
+        if self._sink is None:
             return
-        self._stop_sink()
-        try:
-            if self.location.is_local:
-                # fsspec refuses discard() on local (autocommit) files and would mask the original
-                # error: close the temporary file, removed below.
-                self._handle.close()
-            elif callable(getattr(self._handle, "discard", None)):
-                self._handle.discard()  # fsspec buffered files: abandon the multipart upload
-            else:
-                # Stores that publish on open or close (e.g. memory://): removed below.
-                self._handle.close()
-        finally:
-            if self.location.is_local:
-                storage.remove_file(Location(self.location.url, self.location.fs, self._temporary))
-            elif not callable(getattr(self._handle, "discard", None)):
-                storage.remove_file(self.location)
+        self._stop_drainer()
+        self._sink.abort()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc_type is None:
-            self.result = self._finish()
-        else:
+        if exc_type is not None:
             self._abort()
+            return
+        try:
+            self.result = self._finish()
+        except BaseException:
+            self._abort()  # nothing half-written stays behind
+            raise

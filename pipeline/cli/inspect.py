@@ -18,7 +18,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({
             "url": checkpoint.url,
             "total_bytes": checkpoint.total_bytes,
-            "files": [fp.__dict__ for fp in checkpoint.files],
+            "files": [{"url": fp.url, "size": fp.size, "etag": fp.etag, "header_sha256": fp.header_sha256}
+                      for fp in checkpoint.files],
             "tensors": [
                 {"name": loc.name, "dtype": loc.entry.dtype, "shape": list(loc.entry.shape),
                  "bytes": loc.entry.nbytes, "file": loc.file.url}
