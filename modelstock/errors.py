@@ -35,5 +35,9 @@ class StorageError(ModelStockError):
     """Object storage failed (network, server, write); possibly transient: Ray retries it."""
 
 
+class ModelTooLarge(InputError):
+    """A model (or an in-memory soup) does not fit the memory of one evaluation actor."""
+
+
 class StorageAccessError(InputError):
     """Storage refused access or the location does not exist: not transient, a bad input."""

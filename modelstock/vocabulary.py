@@ -27,34 +27,17 @@ from typing import Any
 import torch
 
 from modelstock import storage
+from modelstock.checkpoint.tokenizer import load_tokenizer
 from modelstock.errors import InvalidCheckpoint, InvalidRecipe, StorageAccessError
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json",
-)
 # Default rows: where a missing (or forced) token's row comes from.
 FROM_ZERO, FROM_MEAN, NO_DEFAULT = -1, -2, -3
 
 
-def load_tokenizer(url: str, storage_options: Mapping[str, Any] | None = None) -> Any:
-    """The tokenizer of a checkpoint folder (transformers, fast), from its files, without remote code."""
-    import transformers
-
-    folder = storage.resolve(url, storage_options)
-    names = set(storage.list_names(folder))
-    present = [name for name in TOKENIZER_FILES if name in names]
-    if not any(name in names for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")):
-        raise InvalidCheckpoint(f"{folder.url}: no tokenizer files (tokenizer.json, tokenizer.model, ...)")
-    with tempfile.TemporaryDirectory(prefix="modelstock-tokenizer-") as local:
-        for name in present:
-            (Path(local) / name).write_bytes(storage.read_bytes(folder.join(name)))
-        try:
-            return transformers.AutoTokenizer.from_pretrained(local, use_fast=True, trust_remote_code=False)
-        except (OSError, ValueError, TypeError, json.JSONDecodeError) as exc:
-            raise InvalidCheckpoint(f"{folder.url}: cannot load its tokenizer ({type(exc).__name__}: {exc})") from None
+def load_tokenizer_at(url: str, storage_options: Mapping[str, Any] | None = None) -> Any:
+    return load_tokenizer(storage.resolve(url, storage_options))
 
 
 def vocabulary_size(config: Mapping[str, Any] | None, tokenizer: Any) -> int:
@@ -218,7 +201,7 @@ def read_tokenizers(urls: Sequence[str], storage_options: Mapping[str, Any] | No
     tokenizers = []
     for url in urls:
         try:
-            tokenizers.append(load_tokenizer(url, storage_options))
+            tokenizers.append(load_tokenizer_at(url, storage_options))
         except StorageAccessError as exc:
             raise InvalidCheckpoint(f"{url}: cannot read its tokenizer ({exc})") from None
     return tokenizers

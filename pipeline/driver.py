@@ -21,6 +21,7 @@ from tqdm import tqdm
 from modelstock import storage
 from modelstock.checkpoint.model_config import read_model_config
 from modelstock.checkpoint.reader import Checkpoint, open_checkpoint
+from modelstock.checkpoint.tokenizer import TOKENIZER_FILES
 from modelstock.dtypes import CONFIG_DTYPE_NAMES
 from modelstock.errors import InputError, OutputConflict, StorageError
 from modelstock.methods.base import TensorStats
@@ -54,7 +55,6 @@ from modelstock.report import report_bytes, report_json, report_png
 from modelstock.shard import shard_tensor
 from modelstock.storage import Location
 from modelstock.vocabulary import (
-    TOKENIZER_FILES,
     VocabularyPlan,
     build_vocabulary,
     chat_template_for,

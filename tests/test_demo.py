@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from pipeline.cli import main
+from pipeline.demo.digits.config import DemoConfig
 
 
 def test_demo_quick_runs_end_to_end(tmp_path: Path, ray_local, capsys) -> None:
@@ -13,6 +14,8 @@ def test_demo_quick_runs_end_to_end(tmp_path: Path, ray_local, capsys) -> None:
     assert main(["demo", "--quick", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "OOD mean" in printed and "greedy soup kept:" in printed
+    assert "the papers' claims on this run" in printed
+    assert "Model Stock (2) at least as good as each of its ingredients on ID top-1 (higher is better): " in printed
     results = json.loads((out / "results" / "eval.json").read_text())
     names = [m["model"] for m in results["models"]]
     for expected in ("model stock (2)", "uniform soup (6)", "periodic model stock", "w_0 (pretrained)",
@@ -28,3 +31,10 @@ def test_demo_quick_runs_end_to_end(tmp_path: Path, ray_local, capsys) -> None:
     assert (out / "results" / "eval.parquet").exists()
     config = json.loads((out / "models" / "ft-1" / "config.json").read_text())
     assert config["modelstock_builder"] == "reference-cnn"
+    assert results["held_out"] == "digits-val"
+
+
+def test_demo_fine_tunes_share_one_recipe_and_differ_by_seed() -> None:
+    for config in (DemoConfig(), DemoConfig.quick()):
+        recipes = {(ft.lr, ft.epochs, ft.weight_decay, ft.label_smoothing) for ft in config.finetunes}
+        assert len(recipes) == 1 and len({ft.seed for ft in config.finetunes}) == len(config.finetunes) >= 6

@@ -89,6 +89,34 @@ def test_greedy_invariants(individual: list[float], data, strict: bool) -> None:
         assert step.accepted == ((step.score > step.best_before) if strict else (step.score >= step.best_before))
 
 
+def test_lower_is_better_mirrors_the_rule_for_perplexity() -> None:
+    held_out = {"a": 30.0, "b": 20.0, "c": 25.0, "d": 40.0}  # held-out perplexities
+    soups = {frozenset("bc"): 19.0, frozenset("bca"): 19.5, frozenset("bcd"): 19.0}
+    calls: list[list[str]] = []
+    result = greedy_soup(list("abcd"), held_out, scorer(soups, calls), higher_is_better=False)
+    assert calls == [["b", "c"], ["b", "c", "a"], ["b", "c", "d"]]
+    assert result.accepted == ["b", "c", "d"] and result.score == 19.0  # a tie is kept (the paper's >=)
+    strict = greedy_soup(list("abcd"), held_out, scorer(soups, []), strict=True, higher_is_better=False)
+    assert strict.accepted == ["b", "c"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0, 100), min_size=1, max_size=6), st.data(), st.booleans())
+def test_lower_is_better_equals_the_rule_on_negated_scores(individual: list[float], data, strict: bool) -> None:
+    names = [f"m{i}" for i in range(len(individual))]
+    cache: dict[frozenset, float] = {}
+
+    def score(ingredients):
+        key = frozenset(ingredients)
+        if key not in cache:
+            cache[key] = data.draw(st.floats(0, 100))
+        return cache[key]
+
+    lower = greedy_soup(names, dict(zip(names, individual)), score, strict=strict, higher_is_better=False)
+    higher = greedy_soup(names, {n: -v for n, v in zip(names, individual)}, lambda ings: -score(ings), strict=strict)
+    assert lower.accepted == higher.accepted and lower.score == -higher.score
+
+
 # --- the runner on Ray ---------------------------------------------------------------------
 
 def save_cnn(folder: Path, state: dict[str, torch.Tensor]) -> str:
@@ -168,7 +196,8 @@ def test_ratatouille_records_each_ingredients_init(tmp_path: Path, ray_local) ->
     urls = [save_cnn(tmp_path / f"ft-{i}", s) for i, s in enumerate(states)]
     recipe_path = tmp_path / "ratatouille.yml"
     recipe_path.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
-        {"model": urls[0], "init": "aux-task-a"}, {"model": urls[1], "init": "aux-task-b"}, {"model": urls[2], "init": "aux-task-c"},
+        {"model": urls[0], "init": "aux-task-a"}, {"model": urls[1], "init": "aux-task-b"},
+        {"model": urls[2], "init": "aux-task-c"},
     ]}))
     assert main(["soup", str(recipe_path), str(tmp_path / "out"), "--quiet"]) == 0
     record = json.loads((tmp_path / "out" / SOUP_FILE).read_text())

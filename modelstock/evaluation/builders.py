@@ -114,14 +114,21 @@ def build_transformers_classifier(config: Mapping[str, Any]) -> nn.Module:
     architectures = config.get("architectures") or []
     names = [a for a in architectures if isinstance(a, str) and a.endswith("ForImageClassification")]
     if not names or not hasattr(transformers, names[0]):
-        raise InvalidCheckpoint(f"config.json: architectures {architectures} name no transformers image classifier")
+        hint = ("; a language model is evaluated with a text suite (kind: text)"
+                if any(isinstance(a, str) and a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) else "")
+        raise InvalidCheckpoint(f"config.json: architectures {architectures} name no transformers image classifier{hint}")
     model_class = getattr(transformers, names[0])
     hf_config = model_class.config_class.from_dict(dict(config))
     return LogitsOf(model_class(hf_config).eval())
 
 
 def read_config(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    location = storage.resolve(url, storage_options).join("config.json")
+    return read_config_in(storage.resolve(url, storage_options))
+
+
+def read_config_in(folder: storage.Location) -> dict[str, Any]:
+    """``config.json`` of a checkpoint folder, as a JSON object."""
+    location = folder.join("config.json")
     try:
         config = json.loads(storage.read_bytes(location))
     except json.JSONDecodeError as exc:
@@ -163,7 +170,8 @@ def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], url: str)
         )
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise IncompatibleModels(f"{url}: tensor {name!r} has shape {list(tensor.shape)}, model expects {list(expected[name].shape)}")
+            raise IncompatibleModels(f"{url}: tensor {name!r} has shape {list(tensor.shape)}, "
+                                     f"model expects {list(expected[name].shape)}")
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
     return module.eval()
 
@@ -176,7 +184,8 @@ def build_model(url: str, storage_options: Mapping[str, Any] | None = None) -> n
 
 
 @torch.no_grad()
-def logits_in_batches(module: nn.Module, inputs: torch.Tensor, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def logits_in_batches(module: nn.Module, inputs: torch.Tensor, batch_size: int,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
     """Logits of ``inputs`` (rows, ...) in batches; returned on the CPU."""
     outputs = [module(inputs[i : i + batch_size].to(device)).float().cpu() for i in range(0, inputs.shape[0], batch_size)]
     return torch.cat(outputs) if outputs else torch.empty(0)

@@ -16,6 +16,26 @@ ood:
 batch_size: 256
 rows_per_shard: 2048
 ```
+
+A language-model suite says ``kind: text`` (image is the default). Its sets hold a ``text``
+column (perplexity) or, with ``task: choice``, ``prompt``, ``choices`` (list of strings) and
+``answer`` (int index into ``choices``):
+
+```yaml
+kind: text
+id: {name: code, url: s3://bucket/eval/code.parquet}
+ood:
+  - {name: prose, url: s3://bucket/eval/prose.parquet}
+  - {name: cloze, url: s3://bucket/eval/cloze.parquet, task: choice}
+held_out: {name: code-val, url: s3://bucket/eval/code-val.parquet}   # greedy soup; default: id
+max_length: 1024        # tokens per row (longer rows are truncated)
+batch_tokens: 16384     # padded tokens per batch (rows are batched by length)
+batch_size: 64          # rows per batch, at most
+rows_per_shard: 512
+gpus_per_model: 1       # GPUs one actor holds a model on (its layers split across them)
+actor_memory: 80GiB     # optional: memory of one actor, instead of the measured one
+dtype: auto             # auto (the checkpoint's) | float32 | bfloat16 | float16
+```
 """
 
 from __future__ import annotations
@@ -23,17 +43,18 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pydantic
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from modelstock import storage
 from modelstock.errors import InvalidRecipe, StorageAccessError
@@ -55,7 +76,7 @@ class DatasetSpec(BaseModel):
     std: tuple[float, ...] | None = None
 
     @model_validator(mode="after")
-    def _one_projection(self) -> "DatasetSpec":
+    def _one_projection(self) -> DatasetSpec:
         if self.class_subset is not None and self.class_mapping is not None:
             raise ValueError(f"dataset {self.name}: give class_subset or class_mapping, not both")
         if (self.mean is None) != (self.std is None):
@@ -64,9 +85,10 @@ class DatasetSpec(BaseModel):
 
 
 class EvalSuite(BaseModel):
-    """One ID set, optional OOD sets, and an optional held-out set for greedy soups."""
+    """An image suite: one ID set, optional OOD sets, and an optional held-out set for greedy soups."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["image"] = "image"
     id: DatasetSpec
     ood: list[DatasetSpec] = Field(default_factory=list)
     held_out: DatasetSpec | None = None
@@ -74,7 +96,7 @@ class EvalSuite(BaseModel):
     rows_per_shard: int = Field(default=2048, gt=0)
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "EvalSuite":
+    def _unique_names(self) -> EvalSuite:
         names = [d.name for d in self.datasets]
         if self.held_out is not None:
             names.append(self.held_out.name)
@@ -98,18 +120,100 @@ class EvalSuite(BaseModel):
         return self.held_out or self.id
 
 
-def parse_suite(data: Any, source: str = "<suite>") -> EvalSuite:
+class TextDatasetSpec(BaseModel):
+    """One language-model evaluation set: held-out text (perplexity) or multiple choice."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(min_length=1)
+    url: str = Field(min_length=1)
+    task: Literal["perplexity", "choice"] = "perplexity"
+
+
+def parse_byte_size(value: Any) -> int:
+    """``80GiB``, ``512MB`` or a number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 80GiB")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", str(value), re.IGNORECASE)
+        if not match:
+            raise ValueError(f"not a size: {value!r} (e.g. 80GiB, 512MB)")
+        unit = (match.group(2) or "").upper()
+        letter = unit[:1] if unit[:1] in "KMGT" else ""
+        scale = (1024 if "I" in unit else 1000) ** ("KMGT".index(letter) + 1) if letter else 1
+        size = int(float(match.group(1)) * scale)
+    if size <= 0:
+        raise ValueError("a size must be positive")
+    return size
+
+
+class TextSuite(BaseModel):
+    """A language-model suite (``kind: text``): perplexity and multiple-choice sets."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["text"]
+    id: TextDatasetSpec
+    ood: list[TextDatasetSpec] = Field(default_factory=list)
+    held_out: TextDatasetSpec | None = None
+    max_length: int = Field(default=1024, gt=1)
+    batch_tokens: int = Field(default=16384, gt=0)
+    batch_size: int = Field(default=64, gt=0)
+    rows_per_shard: int = Field(default=512, gt=0)
+    gpus_per_model: int = Field(default=1, gt=0)
+    actor_memory: int | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @field_validator("actor_memory", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int | None:
+        return None if value is None else parse_byte_size(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TextSuite:
+        names = [d.name for d in self.datasets] + ([self.held_out.name] if self.held_out else [])
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"dataset name {duplicates[0]!r} is used twice")
+        if self.batch_tokens < self.max_length:
+            raise ValueError(f"batch_tokens ({self.batch_tokens}) must hold one row of max_length "
+                             f"({self.max_length}) tokens")
+        return self
+
+    @property
+    def datasets(self) -> list[TextDatasetSpec]:
+        """ID first, then the OOD sets in suite order."""
+        return [self.id, *self.ood]
+
+    @property
+    def ood_names(self) -> list[str]:
+        return [d.name for d in self.ood]
+
+    @property
+    def selection_set(self) -> TextDatasetSpec:
+        """The set greedy soups select on: ``held_out`` if given, else the ID set."""
+        return self.held_out or self.id
+
+
+AnySuite = EvalSuite | TextSuite
+SUITE_KINDS: dict[str, type[BaseModel]] = {"image": EvalSuite, "text": TextSuite}
+
+
+def parse_suite(data: Any, source: str = "<suite>") -> AnySuite:
     if not isinstance(data, Mapping):
         raise InvalidRecipe(f"{source}: an eval suite must be a mapping with id and ood")
+    kind = data.get("kind", "image")
+    if kind not in SUITE_KINDS:
+        raise InvalidRecipe(f"{source}: kind: must be one of {', '.join(SUITE_KINDS)}, got {kind!r}")
     try:
-        return EvalSuite.model_validate(dict(data))
+        return SUITE_KINDS[kind].model_validate(dict(data))  # type: ignore[return-value]
     except pydantic.ValidationError as exc:
         error = exc.errors()[0]
         location = ".".join(str(p) for p in error["loc"])
         raise InvalidRecipe(f"{source}: {location + ': ' if location else ''}{error['msg']}") from None
 
 
-def load_suite(path: str | Path) -> EvalSuite:
+def load_suite(path: str | Path) -> AnySuite:
     """Read and validate an eval-suite YAML file from local disk."""
     path = Path(path)
     try:
@@ -125,14 +229,15 @@ def load_suite(path: str | Path) -> EvalSuite:
 class DatasetShard:
     """Consecutive row groups of one Parquet file: the unit of evaluation work."""
 
-    dataset: DatasetSpec
+    dataset: DatasetSpec | TextDatasetSpec
     index: int
     file_url: str
     row_groups: tuple[int, ...]
     rows: int
 
 
-def _parquet_files(spec: DatasetSpec, storage_options: Mapping[str, Any] | None) -> list[storage.Location]:
+def _parquet_files(spec: DatasetSpec | TextDatasetSpec,
+                   storage_options: Mapping[str, Any] | None) -> list[storage.Location]:
     root = storage.resolve(spec.url, storage_options)
     if root.path.endswith(".parquet"):
         return [root]
@@ -160,7 +265,7 @@ def _row_groups(location: storage.Location, row_groups: list[int]) -> tuple[pa.T
 
 
 def plan_dataset_shards(
-    spec: DatasetSpec, rows_per_shard: int, storage_options: Mapping[str, Any] | None = None
+    spec: DatasetSpec | TextDatasetSpec, rows_per_shard: int, storage_options: Mapping[str, Any] | None = None
 ) -> list[DatasetShard]:
     """Shards of about ``rows_per_shard`` rows from the Parquet footers alone (row groups are not split)."""
     shards: list[DatasetShard] = []
@@ -222,6 +327,8 @@ def read_shard(shard: DatasetShard, storage_options: Mapping[str, Any] | None = 
     else:
         raise StorageAccessError(f"{shard.file_url}: dataset {shard.dataset.name} has no 'pixels' or 'image' column")
     spec = shard.dataset
+    if not isinstance(spec, DatasetSpec):
+        raise InvalidRecipe(f"{shard.file_url}: dataset {spec.name} is a text set; it needs a text suite (kind: text)")
     if spec.mean is not None and spec.std is not None:
         mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
         std = torch.tensor(spec.std).view(1, -1, 1, 1)

@@ -65,3 +65,28 @@ def ood_mean(accuracies: Mapping[str, float], ood_names: Sequence[str]) -> float
     """Mean top-1 over the OOD sets (unweighted, as the papers report it); None without OOD sets."""
     values = [accuracies[name] for name in ood_names]
     return sum(values) / len(values) if values else None
+
+
+@dataclass(frozen=True)
+class TextShardScore:
+    """Sums over one (language model, dataset shard) work item. Counts are integers and the NLL a
+    float64 sum (itself an exactly rounded ``math.fsum`` of per-row sums), so shards add up to the
+    same totals however the rows were spread over actors."""
+
+    model: str
+    dataset: str
+    shard: int
+    task: str  # "perplexity" or "choice"
+    nll: float = 0.0
+    tokens: int = 0
+    correct: int = 0
+    total: int = 0
+
+
+def perplexity(nll: float, tokens: int) -> float:
+    """exp(total negative log-likelihood / total predicted tokens), over a whole set."""
+    import math
+
+    if tokens <= 0:
+        raise ValueError("perplexity of a set with no predicted tokens")
+    return math.exp(nll / tokens)

@@ -1,8 +1,10 @@
 """The greedy soup rule (Wortsman et al., 2022, Recipe 1) as a pure function.
 
-Ingredients are ordered by held-out accuracy, best first; the soup starts from the best one and
-each next ingredient is kept if the held-out accuracy of the running average is not lower than
-the best so far (``>=``, the paper's rule; ``strict=True`` gives the released code's ``>``).
+Ingredients are ordered by held-out score, best first; the soup starts from the best one and
+each next ingredient is kept if the held-out score of the running average is not worse than the
+best so far (``>=``, the paper's rule; ``strict=True`` gives the released code's ``>``). Scores
+are accuracies (higher is better) or, for language models, perplexities
+(``higher_is_better=False``: the same rule with the comparisons mirrored).
 Scoring is a callback so the same rule runs on toy numbers in tests and on the Ray evaluator.
 """
 
@@ -29,10 +31,12 @@ class GreedyStep(Generic[T]):
 class GreedySoupResult(Generic[T]):
     accepted: list[T]
     steps: list[GreedyStep[T]]
+    higher_is_better: bool = True
 
     @property
     def score(self) -> float:
-        return max(step.score for step in self.steps if step.accepted)
+        kept = [step.score for step in self.steps if step.accepted]
+        return max(kept) if self.higher_is_better else min(kept)
 
 
 def greedy_soup(
@@ -40,24 +44,26 @@ def greedy_soup(
     held_out: Mapping[T, float],
     score_soup: Callable[[Sequence[T]], float],
     strict: bool = False,
+    higher_is_better: bool = True,
 ) -> GreedySoupResult[T]:
-    """Run the greedy rule. ``held_out[c]`` is each ingredient's own held-out accuracy;
-    ``score_soup(ingredients)`` returns the held-out accuracy of their uniform average.
+    """Run the greedy rule. ``held_out[c]`` is each ingredient's own held-out score;
+    ``score_soup(ingredients)`` returns the held-out score of their uniform average.
 
-    Ties in individual accuracy keep the input order (a stable sort), so results are reproducible.
+    Ties in individual scores keep the input order (a stable sort), so results are reproducible.
     """
     if not candidates:
         raise ValueError("greedy soup needs at least one ingredient")
-    ordered = sorted(candidates, key=lambda c: -held_out[c])
+    sign = 1.0 if higher_is_better else -1.0
+    ordered = sorted(candidates, key=lambda c: -sign * held_out[c])
     best = ordered[0]
     accepted = [best]
     best_score = held_out[best]
     steps: list[GreedyStep[T]] = [GreedyStep(best, best_score, True, None)]
     for candidate in ordered[1:]:
         score = score_soup([*accepted, candidate])
-        keep = score > best_score if strict else score >= best_score
+        keep = sign * score > sign * best_score if strict else sign * score >= sign * best_score
         steps.append(GreedyStep(candidate, score, keep, best_score))
         if keep:
             accepted.append(candidate)
             best_score = score
-    return GreedySoupResult(accepted=accepted, steps=steps)
+    return GreedySoupResult(accepted=accepted, steps=steps, higher_is_better=higher_is_better)

@@ -1,4 +1,7 @@
-"""``modelstock evaluate SUITE.yml MODEL...``, and the ``--eval`` step of ``merge``."""
+"""``modelstock evaluate SUITE.yml MODEL...``, and the ``--eval`` step of ``merge``.
+
+The suite's ``kind`` decides what is measured: top-1 accuracy (image classifiers) or perplexity
+and multiple-choice accuracy (language models, ``kind: text``)."""
 
 from __future__ import annotations
 
@@ -9,9 +12,9 @@ from typing import Any
 
 from cluster.session import ray_session
 from modelstock.errors import InvalidRecipe
-from modelstock.evaluation.datasets import load_suite
+from modelstock.evaluation.datasets import load_suite, parse_byte_size
 from modelstock.evaluation.scoring import ModelSource
-from pipeline.cli.options import EXIT_OK, RunOptions, add_ray_options
+from pipeline.cli.options import EXIT_OK, RunOptions, add_ray_options, positive_int
 from pipeline.evaluate import evaluate_models
 
 
@@ -30,10 +33,27 @@ def evaluation_folder(model_url: str) -> str:
     return model_url.rstrip("/") + "/eval"
 
 
-def evaluate_and_report(sources: Sequence[ModelSource], suite_path: str, options: RunOptions, out_url: str | None) -> None:
+def actor_memory_size(text: str) -> int:
+    try:
+        return parse_byte_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_actor_options(parser: argparse.ArgumentParser) -> None:
+    """Language-model actors: GPUs per model and memory per actor (override the suite's)."""
+    parser.add_argument("--gpus-per-model", type=positive_int,
+                        help="text suites: GPUs one actor holds a model on, its layers split across them")
+    parser.add_argument("--actor-memory", type=actor_memory_size,
+                        help="text suites: memory of one evaluation actor (e.g. 80GiB), instead of the measured one")
+
+
+def evaluate_and_report(sources: Sequence[ModelSource], suite_path: str, options: RunOptions, out_url: str | None,
+                        gpus_per_model: int | None = None, actor_memory: int | None = None) -> None:
     """Evaluate on the connected Ray, print the table, write JSON/Parquet/PNG under ``out_url``."""
     suite = load_suite(suite_path)
-    table = evaluate_models(sources, suite, options.storage_options, options.workers, progress=options.progress)
+    table = evaluate_models(sources, suite, options.storage_options, options.workers, progress=options.progress,
+                            gpus_per_model=gpus_per_model, actor_memory=actor_memory)
     print(table.format())
     if out_url:
         for url in table.write(out_url, options.storage_options):
@@ -48,15 +68,18 @@ def evaluate_merged(merged_url: str, suite_path: str, options: RunOptions) -> No
 def run(args: argparse.Namespace) -> int:
     options = RunOptions.from_args(args)
     sources = [model_source(text) for text in args.models]
+    load_suite(args.suite)  # bad suites are refused before Ray starts
     with ray_session(options.address, num_cpus=options.workers, quiet=options.quiet):
-        evaluate_and_report(sources, args.suite, options, args.out)
+        evaluate_and_report(sources, args.suite, options, args.out, args.gpus_per_model, args.actor_memory)
     return EXIT_OK
 
 
 def add_command(sub: Any) -> None:
-    evaluate = sub.add_parser("evaluate", help="top-1 accuracy of models on an eval suite (ID + OOD), on Ray")
-    evaluate.add_argument("suite", help="eval suite YAML (id, ood, held_out, batch_size, rows_per_shard)")
+    evaluate = sub.add_parser("evaluate", help="ID + OOD evaluation on Ray: top-1 (images) or perplexity and "
+                                               "choice accuracy (language models, kind: text)")
+    evaluate.add_argument("suite", help="eval suite YAML (kind, id, ood, held_out, ...)")
     evaluate.add_argument("models", nargs="+", help="NAME=URL or URL of a checkpoint folder")
     evaluate.add_argument("--out", help="folder URL for eval.json, eval.parquet and eval.png")
-    add_ray_options(evaluate, "evaluation actors (default: one per CPU, or per GPU)")
+    add_ray_options(evaluate, "evaluation actors (default: one per CPU, or per GPU; language models: as memory allows)")
+    add_actor_options(evaluate)
     evaluate.set_defaults(handler=run)

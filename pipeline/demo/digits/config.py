@@ -19,17 +19,13 @@ class FineTune:
     label_smoothing: float = 0.0
 
 
-# Fine-tuning uses learning rates well below pretraining's, as when fine-tuning a foundation
-# model; ft-1 and ft-2 share hyper-parameters and differ by seed (the Model Stock paper's pair).
-DEFAULT_FINETUNES = (
-    FineTune("ft-1", seed=1, lr=0.03, epochs=10),
-    FineTune("ft-2", seed=2, lr=0.03, epochs=10),
-    FineTune("ft-3", seed=3, lr=0.01, epochs=10),
-    FineTune("ft-4", seed=4, lr=0.1, epochs=10),
-    FineTune("ft-5", seed=5, lr=0.03, epochs=10, label_smoothing=0.1),
-    FineTune("ft-6", seed=6, lr=0.05, epochs=8, weight_decay=5e-4),
-    FineTune("ft-7", seed=7, lr=0.02, epochs=15),
-    FineTune("ft-8", seed=8, lr=0.1, epochs=10, label_smoothing=0.05),
+# The papers' protocol: every fine-tune runs the same recipe (hyper-parameters) from w_0 and only
+# the seed differs (data order and augmentation draws). Learning rates are well below
+# pretraining's, as when fine-tuning a foundation model.
+FINETUNE_LR = 0.03
+FINETUNE_EPOCHS = 10
+DEFAULT_FINETUNES = tuple(
+    FineTune(f"ft-{seed}", seed=seed, lr=FINETUNE_LR, epochs=FINETUNE_EPOCHS) for seed in range(1, 9)
 )
 
 
@@ -47,7 +43,7 @@ class DemoConfig:
     shifts: tuple[str, ...] = SHIFTS
 
     @classmethod
-    def quick(cls, out_dir: str = "modelstock-demo") -> "DemoConfig":
+    def quick(cls, out_dir: str = "modelstock-demo") -> DemoConfig:
         """Small enough for a test: narrow model, few epochs, still six fine-tunes."""
         finetunes = tuple(replace(ft, epochs=max(2, ft.epochs // 4)) for ft in DEFAULT_FINETUNES[:6])
         return cls(out_dir=out_dir, width=8, pretrain_epochs=10, finetunes=finetunes)

@@ -98,7 +98,8 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def jitter(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Fine-tuning augmentation: a mild random shift only (what makes seeds differ besides order)."""
     n = images.shape[0]
-    return translate(images, (torch.rand(n, generator=generator) * 2 - 1) * 0.5, (torch.rand(n, generator=generator) * 2 - 1) * 0.5)
+    dx, dy = (torch.rand(n, generator=generator) * 2 - 1) * 0.5, (torch.rand(n, generator=generator) * 2 - 1) * 0.5
+    return translate(images, dx, dy)
 
 
 def write_datasets(root: Path, splits: dict[str, tuple[torch.Tensor, torch.Tensor]], shifts: tuple[str, ...],

@@ -45,7 +45,8 @@ def pretrain(config: DemoConfig, images: torch.Tensor, labels: torch.Tensor) -> 
     return model
 
 
-def fine_tune_start(config: DemoConfig, base: nn.Module, run: FineTune) -> tuple[nn.Module, torch.optim.Optimizer, torch.Generator]:
+def fine_tune_start(config: DemoConfig, base: nn.Module,
+                    run: FineTune) -> tuple[nn.Module, torch.optim.Optimizer, torch.Generator]:
     model = new_model(config)
     model.load_state_dict(base.state_dict())
     optimizer = torch.optim.SGD(model.parameters(), lr=run.lr, momentum=0.9, weight_decay=run.weight_decay)
