@@ -119,13 +119,31 @@ def _join_url(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *parts])
 
 
+def options_for(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The fsspec options for ``url`` from one storage-options document.
+
+    Keys that are URL prefixes (``"s3://"``, ``"s3://bucket-a/"``, ``"hf://"``) hold options for
+    the URLs they begin; the longest matching prefix is merged over the document's other keys,
+    which apply to every URL. A document without prefix keys applies to every URL as it is."""
+    document = dict(storage_options or {})
+    prefixes = {key: value for key, value in document.items() if "://" in key}
+    options = {key: value for key, value in document.items() if key not in prefixes}
+    matching = [prefix for prefix in prefixes if url.startswith(prefix)]
+    if matching:
+        chosen = prefixes[max(matching, key=len)]
+        if not isinstance(chosen, Mapping):
+            raise StorageAccessError(f"{url}: storage options for {max(matching, key=len)!r} must be a JSON object")
+        options.update(chosen)
+    return options
+
+
 def resolve(url: str, storage_options: Mapping[str, Any] | None = None) -> Location:
     """Resolve a local path or fsspec URL (s3://, gs://, az://, hf://, http(s)://, memory://, file://).
 
-    Object-store clients get bounded timeouts and no retries of their own (ours apply, once)
-    unless ``storage_options`` set them."""
+    ``storage_options`` may give options per URL prefix (:func:`options_for`). Object-store clients
+    get bounded timeouts and no retries of their own (ours apply, once) unless the options set them."""
     try:
-        options = backends.client_defaults(get_protocol(url), storage_options or {})
+        options = backends.client_defaults(get_protocol(url), options_for(url, storage_options))
         fs, path = url_to_fs(url, **options)
     except (ImportError, ValueError) as exc:
         raise StorageAccessError(f"{url}: cannot open this location ({describe(exc)})") from None

@@ -66,3 +66,23 @@ def test_merge_s3_to_s3_inside_workers_with_ranged_reads_only(s3, tmp_path: Path
     s3.fs.get(f"{s3.name}/merged/", str(downloaded), recursive=True)
     merged = load_file(downloaded / result.shards[0].file)
     assert merged
+
+
+def test_storage_options_per_url_prefix(s3, tmp_path: Path, ray_local, capsys) -> None:
+    """One --storage-options document, options per URL prefix: the longest matching prefix wins over
+    the document's global keys (here a dead endpoint that would fail every S3 call)."""
+    from modelstock.storage import options_for
+
+    base, tuned = write_family(tmp_path / "local", SHAPE, finetunes=2, dtype=torch.float32, seed=6)
+    base_url = s3.upload(Path(base), "inputs/base")
+    tuned_urls = [s3.upload(Path(t), f"inputs/{Path(t).name}") for t in tuned]
+    document = {"endpoint_url": "http://127.0.0.1:9", f"s3://{s3.name}/": s3.options, "hf://": {"token": "unused"}}
+    assert options_for(base_url, document)["endpoint_url"] == s3.options["endpoint_url"]
+    assert options_for("hf://org/model", document) == {"endpoint_url": "http://127.0.0.1:9", "token": "unused"}
+    assert options_for(str(tmp_path), {"anon": True}) == {"anon": True}  # a plain document: every URL
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(f"merge_method: model_stock\nbase_model: {base_url}\nmodels:\n"
+                      + "".join(f"  - model: {u}\n" for u in tuned_urls))
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--quiet",
+                 "--storage-options", json.dumps(document)]) == 0
+    assert (tmp_path / "out" / MANIFEST_FILE).exists()
