@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import ray  # noqa: E402
 import torch  # noqa: E402
-
 from s3server import RecordingS3Server  # noqa: E402
 
 REGION = "eu-west-1"
@@ -53,7 +52,7 @@ def ray_local() -> Iterator[None]:
     yield
 
 
-def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001
+def pytest_sessionfinish(session, exitstatus):
     if ray.is_initialized():
         ray.shutdown()
 
@@ -67,7 +66,7 @@ def s3_server() -> Iterator[RecordingS3Server]:
 
 
 @pytest.fixture
-def s3(s3_server: RecordingS3Server) -> Iterator["S3Bucket"]:
+def s3(s3_server: RecordingS3Server) -> Iterator[S3Bucket]:
     """A fresh bucket on the loopback S3 server, with s3fs storage options pointing at it."""
     import s3fs
 

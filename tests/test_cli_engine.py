@@ -131,7 +131,7 @@ def test_merge_matches_float64_reference_and_loads_in_transformers(
     assert sorted(index["weight_map"]) == sorted(base)
     for name, file in index["weight_map"].items():
         with safe_open(str(out / file), framework="pt") as shard:
-            assert name in shard.keys()  # noqa: SIM118 - safe_open has keys(), not __contains__
+            assert name in shard.keys()
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in merged.values())
     if case.shard_size != "2GB":
         assert len(shard_files) >= 3, shard_files
@@ -188,7 +188,7 @@ def test_inspect_lists_what_safetensors_sees(
     official: dict[str, tuple[str, list[int], int]] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
+            for name in handle.keys():
                 tensor = handle.get_tensor(name)
                 official[name] = (handle.get_slice(name).get_dtype(), list(tensor.shape), tensor.numel() * tensor.element_size())
 

@@ -55,7 +55,7 @@ def plain_correct(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
         predictions = masked.argmax(1).tolist()
     else:
         predictions = logits.argmax(1).tolist()
-    return sum(int(p == l) for p, l in zip(predictions, labels.tolist()))
+    return sum(int(predicted == label) for predicted, label in zip(predictions, labels.tolist()))
 
 
 # --- metrics ---------------------------------------------------------------------------------

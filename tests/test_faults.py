@@ -48,7 +48,6 @@ def local_hashes(out: Path) -> dict[str, str]:
 def reference(family, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Shard hashes of a clean local merge (local and s3 merges are byte-identical: test_s3)."""
     import ray
-
     from conftest import start_local_ray
 
     if not ray.is_initialized():
@@ -110,7 +109,7 @@ def test_truncated_body_is_transient() -> None:
         caught: list[BaseException] = []
         try:
             fs.cat_file("bucket/object", start=0, end=1000)
-        except Exception as exc:  # noqa: BLE001 - inspected below
+        except Exception as exc:
             caught.append(exc)
         assert caught, "the truncated body was accepted"
         assert storage.is_transient(caught[0]), repr(caught[0])
@@ -133,7 +132,7 @@ def test_s3_server_restarted_mid_merge_completes_bit_identical(s3, family, refer
     def run() -> None:
         try:
             results.append(run_merge(request))
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     thread = threading.Thread(target=run)
@@ -183,7 +182,7 @@ def test_worker_killed_mid_merge_is_retried_bit_identical(family, reference, tmp
     def run() -> None:
         try:
             results.append(run_merge(request))
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     thread = threading.Thread(target=run)

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from modelstock import storage
 from modelstock.checkpoint.header import MAX_HEADER_BYTES, SafetensorsHeader
-from modelstock.checkpoint.reader import read_header, read_tensor, TensorLocation
+from modelstock.checkpoint.reader import TensorLocation, read_header, read_tensor
 from modelstock.errors import InvalidCheckpoint
 
 # Every dtype safetensors.torch can write, with the name the format gives it.

@@ -119,7 +119,7 @@ def test_multi_node_spreads_shards_and_survives_a_node_removal(family, tmp_path:
     def run() -> None:
         try:
             results.append(merge(family, out, memory_budget=1))
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     thread = threading.Thread(target=run)

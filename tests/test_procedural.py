@@ -58,7 +58,7 @@ class PeakRss:
         while not self._stop.wait(0.002):
             self.peak = max(self.peak, self._process.memory_info().rss)
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self._thread.start()
         return self
 

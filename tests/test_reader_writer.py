@@ -6,7 +6,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +105,7 @@ def write_sharded(folder: Path, tensors: dict[str, torch.Tensor], shards: int = 
         file = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
         part = {name: tensors[name] for name in names[index::shards]}
         save_file(part, str(folder / file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in part})
+        weight_map.update(dict.fromkeys(part, file))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     return folder
@@ -181,7 +181,7 @@ def test_memory_url(tmp_path: Path, memory_folder: str, layout: str) -> None:
     check_against_safetensors(checkpoint, tensors)
 
 
-def test_transformers_save_pretrained_sharded(tmp_path: Path, tiny_family) -> None:  # noqa: ANN001
+def test_transformers_save_pretrained_sharded(tmp_path: Path, tiny_family) -> None:
     """A real sharded checkpoint written by transformers itself."""
     from transformers import LlamaForCausalLM
 
@@ -211,7 +211,7 @@ def counted_checkpoint(tmp_path: Path) -> Iterator[tuple[Checkpoint, dict[str, t
     fs.rm(root, recursive=True)
 
 
-def test_opening_reads_headers_only(counted_checkpoint) -> None:  # noqa: ANN001
+def test_opening_reads_headers_only(counted_checkpoint) -> None:
     checkpoint, _, fs = counted_checkpoint
     size = checkpoint.files[0].size
     assert fs.cat_calls, "the header must be read with cat_file"
@@ -220,7 +220,7 @@ def test_opening_reads_headers_only(counted_checkpoint) -> None:  # noqa: ANN001
     assert fs.opened_for_read == []
 
 
-def test_read_tensor_is_one_ranged_request(counted_checkpoint) -> None:  # noqa: ANN001
+def test_read_tensor_is_one_ranged_request(counted_checkpoint) -> None:
     checkpoint, tensors, fs = counted_checkpoint
     for name in ("big", "model.layers.0.conv.weight", "model.layers.10.scale"):
         fs.cat_calls.clear()
@@ -231,7 +231,7 @@ def test_read_tensor_is_one_ranged_request(counted_checkpoint) -> None:  # noqa:
     assert fs.opened_for_read == []
 
 
-def test_read_rows_reads_only_those_rows(counted_checkpoint) -> None:  # noqa: ANN001
+def test_read_rows_reads_only_those_rows(counted_checkpoint) -> None:
     checkpoint, tensors, fs = counted_checkpoint
     location = checkpoint.tensors["big"]
     fs.cat_calls.clear()
@@ -256,7 +256,8 @@ def test_read_rows_reads_only_those_rows(counted_checkpoint) -> None:  # noqa: A
 )
 def test_read_rows_matches_safetensors(tmp_path: Path, name: str, start: int, stop: int) -> None:
     tensors = model_tensors(4)
-    folders = [write_single(tmp_path / f"m{i}", {k: v + i if v.is_floating_point() else v for k, v in tensors.items()}) for i in range(2)]
+    shifted = [{k: v + i if v.is_floating_point() else v for k, v in tensors.items()} for i in range(2)]
+    folders = [write_single(tmp_path / f"m{i}", state) for i, state in enumerate(shifted)]
     locations = [open_checkpoint(str(folder)).tensors[name] for folder in folders]
     blocks = read_rows(locations, start, stop)
     for folder, block in zip(folders, blocks):
@@ -403,7 +404,8 @@ def test_shard_writer_header_matches_the_reference_writer(tmp_path: Path) -> Non
         ours_entry = json.loads(ours[8 : 8 + ours_header_length])[name]
         assert ours_entry["dtype"] == from_torch(tensor.dtype)
         begin, end = ours_entry["data_offsets"]
-        assert ours[8 + ours_header_length + begin : 8 + ours_header_length + end] == tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        expected = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        assert ours[8 + ours_header_length + begin : 8 + ours_header_length + end] == expected
     assert load_file(str(tmp_path / "ours.safetensors")).keys() == load_file_from_bytes(theirs).keys()
 
 
@@ -426,9 +428,8 @@ def test_shard_writer_refuses_wrong_order_and_leaves_nothing(tmp_path: Path) -> 
 def test_shard_writer_refuses_an_incomplete_shard(tmp_path: Path) -> None:
     tensors = {"a": torch.ones(4, 2), "b": torch.zeros(3)}
     location = storage.resolve(str(tmp_path / "out" / "shard.safetensors"))
-    with pytest.raises(ValueError, match=r"incomplete"):
-        with ShardWriter(location, specs_of(tensors)) as writer:
-            writer.write_block("a", tensors["a"][:2])
+    with pytest.raises(ValueError, match=r"incomplete"), ShardWriter(location, specs_of(tensors)) as writer:
+        writer.write_block("a", tensors["a"][:2])
     assert not (tmp_path / "out" / "shard.safetensors").exists()
 
 

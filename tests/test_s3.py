@@ -44,7 +44,9 @@ def test_merge_s3_to_s3_inside_workers_with_ranged_reads_only(s3, tmp_path: Path
     ))
     s3.server.clear()
     out_url = s3.url("merged")
-    result = run_merge(MergeRequest(recipe=recipe, out_url=out_url, storage_options=s3.options, shard_size=20_000, progress=False))
+    result = run_merge(
+        MergeRequest(recipe=recipe, out_url=out_url, storage_options=s3.options, shard_size=20_000, progress=False)
+    )
     assert len(result.shards) >= 3
     assert all(s.node_id for s in result.shards)
 

@@ -175,7 +175,9 @@ def test_index_pointing_outside_the_folder_is_refused(family, tmp_path: Path, ra
         assert code == 2 and "not a .safetensors file beside the index" in err, err
 
 
-HOSTILE_NAMES = ["../x", "../../escape.weight", "/abs/path.weight", "a/../../b", "..\\win.weight", "sub/dir/w", ".modelstock/lock.json"]
+HOSTILE_NAMES = [
+    "../x", "../../escape.weight", "/abs/path.weight", "a/../../b", "..\\win.weight", "sub/dir/w", ".modelstock/lock.json",
+]
 
 
 def test_tensor_names_with_path_characters_write_only_inside_out(tmp_path: Path, ray_local, capsys) -> None:
@@ -188,10 +190,10 @@ def test_tensor_names_with_path_characters_write_only_inside_out(tmp_path: Path,
         models.append(folder)
     out = tmp_path / "deep" / "out"
     recipe = recipe_file(tmp_path / "r.yml", models[0], models[1:])
-    before = {p for p in tmp_path.rglob("*")}
+    before = set(tmp_path.rglob("*"))
     code = main(["merge", str(recipe), str(out), "--quiet", "--shard-size", "100"])
     assert code == 0, capsys.readouterr().err
-    created = {p for p in tmp_path.rglob("*")} - before
+    created = set(tmp_path.rglob("*")) - before
     assert created and all(p == out.parent or p == out or out in p.parents for p in created), sorted(created)
     assert not (Path("/abs") / "path.weight").exists()
     merged = {}

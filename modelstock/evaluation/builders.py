@@ -94,7 +94,7 @@ class LogitsOf(nn.Module):
         ``from_pretrained(None, config=..., state_dict=...)``, which applies that conversion; any
         missing, unexpected or mis-shaped tensor is an error rather than a random init.
         """
-        model_class = type(self.model)
+        model_class: Any = type(self.model)  # a transformers PreTrainedModel class
         loaded, info = model_class.from_pretrained(
             None, config=self.model.config, state_dict=dict(state), output_loading_info=True
         )

@@ -333,7 +333,7 @@ def tensor_byte_parts(
     block_bytes = GENERATION_BLOCK_ELEMENTS * element
     dtype = to_torch(spec.dtype)
     for block in range(start // block_bytes, (end - 1) // block_bytes + 1):
-        raw = memoryview(block_values(family, variant, spec, block).to(dtype).view(torch.uint8).numpy())
+        raw = memoryview(block_values(family, variant, spec, block).to(dtype).view(torch.uint8).numpy())  # type: ignore[arg-type]
         origin = block * block_bytes
         yield raw[max(start, origin) - origin : min(end, origin + len(raw)) - origin]
 
@@ -408,7 +408,7 @@ def _etag(resolved: ProceduralPath) -> str:
 
 
 def _read_only(operation: str) -> Any:
-    def refuse(self: "ProceduralFileSystem", *args: Any, **kwargs: Any) -> NoReturn:
+    def refuse(self: ProceduralFileSystem, *args: Any, **kwargs: Any) -> NoReturn:
         target = f" {args[0]!r}" if args else ""
         raise PermissionError(f"{PROTOCOL}:// is read-only ({operation}{target} refused)")
 

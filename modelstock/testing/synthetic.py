@@ -79,7 +79,7 @@ class LlamaShape:
         }
 
     @classmethod
-    def with_parameters(cls, target: int, layers: int | None = None) -> "LlamaShape":
+    def with_parameters(cls, target: int, layers: int | None = None) -> LlamaShape:
         """A Llama-like shape of roughly ``target`` parameters (hidden size scaled, 32k vocab)."""
         vocab = 32000
         best = cls()
