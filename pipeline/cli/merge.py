@@ -1,14 +1,17 @@
 """``modelstock merge CONFIG.yml OUT_URL``: plan from headers, merge on Ray, optionally evaluate.
 
-Ray starts while the driver reads headers and plans, unless planning is over quickly (local
-inputs): then bad input is refused before Ray starts at all. Once Ray is up, workers warm up
-(import torch and the merge code) while planning goes on.
+Joining a running cluster (``--address``, ``RAY_ADDRESS``: ``ray job submit``) costs little, so
+it happens at once, while the driver reads headers and plans. An embedded Ray costs seconds to
+start: it starts while the driver plans unless planning is over quickly (local inputs), so that
+bad input is refused before Ray starts at all. Once Ray is up, workers warm up (import torch and
+the merge code) while planning goes on.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -28,21 +31,27 @@ from pipeline.driver import (
 )
 from pipeline.warmup import warm_workers
 
-# Planning that takes longer than this (object stores, big checkpoints) overlaps Ray's start.
+# Planning that takes longer than this (object stores, big checkpoints) overlaps an embedded
+# Ray's start.
 QUICK_PLAN_S = 0.3
+# Workers warmed while planning goes on: enough for the first shards, few on a shared cluster.
+WARM_WORKERS = 16
 
 
 def _merge(request: MergeRequest, options: RunOptions, suite: str | None) -> MergeResult:
+    attached = bool(options.address or os.environ.get("RAY_ADDRESS"))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan") as planner:
         planning: Future[PreparedMerge] = planner.submit(prepare_merge, request)
-        try:
-            prepared: PreparedMerge | None = planning.result(timeout=QUICK_PLAN_S)
-        except FutureTimeout:
-            prepared = None
+        prepared: PreparedMerge | None = None
+        if not attached:
+            try:
+                prepared = planning.result(timeout=QUICK_PLAN_S)
+            except FutureTimeout:
+                pass
         with start_session(options.address, num_cpus=options.workers, quiet=options.quiet) as starting:
             if prepared is None:
                 session = starting.wait()
-                warm_workers(min(math.floor(session.cpus), 64))
+                warm_workers(min(math.floor(session.cpus), WARM_WORKERS))
                 prepared = planning.result()
             else:
                 starting.wait()
