@@ -33,16 +33,18 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from modelstock.testing.synthetic import LlamaShape, write_model  # noqa: E402
-from pipeline.cli.options import parse_size  # noqa: E402
 from proctree import TreeRun, run_measured  # noqa: E402
 
-PRESETS = {
-    # TinyLlama-1.1B (TinyLlama/TinyLlama-1.1B-Chat-v1.0): 1,100,048,384 parameters.
-    "tinyllama": LlamaShape(hidden=2048, intermediate=5632, layers=22, vocab=32000, heads=32, kv_heads=4),
-}
+from cluster.testing import LocalCluster, start_head, stop  # noqa: E402
+from modelstock.testing.synthetic import LLAMA_PRESETS, LlamaShape, write_model  # noqa: E402
+from pipeline.cli.options import parse_size  # noqa: E402
+
+PRESETS = LLAMA_PRESETS
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-CONTENDERS = ("floor", "ray-overhead", "modelstock", "mergekit-bf16", "mergekit-fp32")
+CONTENDERS = ("floor", "ray-overhead", "modelstock", "modelstock-attached", "mergekit-bf16", "mergekit-fp32")
+# Contenders that join a Ray head the bench starts beforehand (not timed): what a merge costs on a
+# running cluster (`--address`, `ray job submit`).
+ATTACHED = frozenset({"modelstock-attached"})
 FAMILY_FORMAT = 1  # bump when modelstock.testing.synthetic changes what it writes
 COMPLETE_MARKER = ".bench-complete"
 WARM_READ_BYTES = 16 * 1024 * 1024
@@ -129,8 +131,12 @@ def tool(name: str) -> str:
     return found
 
 
-def contender_commands(args: argparse.Namespace, family: Family, recipes: dict[str, Path], out: Callable[[str], Path]) -> dict[str, list[str]]:
+def contender_commands(
+    args: argparse.Namespace, family: Family, recipes: dict[str, Path], out: Callable[[str], Path]
+) -> dict[str, list[str]]:
     workers = ["--workers", str(args.workers)] if args.workers else []
+    merge = ["merge", str(recipes["model_stock"]), "--quiet", "--shard-size", str(args.shard_size),
+             "--memory-budget", str(args.memory_budget), "--device", args.device, *workers]
     mergekit = [
         tool("mergekit-yaml"), "--no-cuda", "--no-lazy-unpickle", "--no-copy-tokenizer", "--no-write-model-card",
         "--quiet", *(["-j", str(args.mergekit_threads)] if args.mergekit_threads else []), *args.mergekit_arg,
@@ -139,11 +145,25 @@ def contender_commands(args: argparse.Namespace, family: Family, recipes: dict[s
         "floor": [sys.executable, str(REPO / "bench" / "io_floor.py"), str(out("floor")),
                   "--out-dtype", args.out_dtype, "--shard-size", str(args.shard_size), *map(str, family.folders)],
         "ray-overhead": [sys.executable, str(REPO / "bench" / "ray_overhead.py"), *workers],
-        "modelstock": [tool("modelstock"), "merge", str(recipes["model_stock"]), str(out("modelstock")), "--quiet",
-                       "--shard-size", str(args.shard_size), "--memory-budget", str(args.memory_budget), *workers],
+        "modelstock": [tool("modelstock"), *merge, str(out("modelstock"))],
+        # The head's address is appended when it is up.
+        "modelstock-attached": [tool("modelstock"), *merge, str(out("modelstock-attached")), "--address"],
         "mergekit-bf16": [*mergekit, str(recipes["bfloat16"]), str(out("mergekit-bf16"))],
         "mergekit-fp32": [*mergekit, str(recipes["float32"]), str(out("mergekit-fp32"))],
     }
+
+
+def run_contender(name: str, command: list[str], log: Path, env: dict[str, str], timeout_s: float) -> TreeRun:
+    """One measured run; an attached contender joins a Ray head started (untimed) just before,
+    whose processes (raylet, workers) are measured with it and stopped after."""
+    if name not in ATTACHED:
+        return run_measured(command, log, env=env, cwd=str(REPO), timeout_s=timeout_s)
+    head: LocalCluster = start_head(num_cpus=os.cpu_count() or 1)
+    try:
+        return run_measured([*command, head.gcs_address], log, env=head.client_env(token=False, base=env),
+                            cwd=str(REPO), timeout_s=timeout_s, watch=[head.process.pid])
+    finally:
+        stop(head)
 
 
 def contender_env() -> dict[str, str]:
@@ -267,6 +287,11 @@ def print_table(results: dict[str, dict[str, object]]) -> None:
     print(line(["-" * w for w in widths]))
     for row in rows:
         print(line(row))
+    if "modelstock-attached" in results and floor:
+        attached = results["modelstock-attached"]["wall_s"]
+        print(f"modelstock attached to a running Ray: {attached:.1f} s = {attached / floor:.2f}x floor")
+    if "modelstock" in results and mergekit:
+        print(f"modelstock embedded, whole process: {results['modelstock']['wall_s'] / mergekit:.2f}x mergekit-yaml bf16")
     if "modelstock" in results and "ray-overhead" in results:
         merge_s = results["modelstock"]["wall_s"] - results["ray-overhead"]["wall_s"]
         print(f"modelstock minus ray-overhead (the merge itself, roughly): {merge_s:.1f} s"
@@ -293,7 +318,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     size = parser.add_argument_group("model family")
     size.add_argument("--preset", choices=sorted(PRESETS), default="tinyllama", help="named shape (default tinyllama, ~1.1B)")
-    size.add_argument("--params", type=float, help="instead of a preset: a Llama-like shape of about this many parameters, e.g. 5e7")
+    size.add_argument("--params", type=float,
+                      help="instead of a preset: a Llama-like shape of about this many parameters, e.g. 5e7")
     for field in ("hidden", "intermediate", "layers", "vocab", "heads", "kv_heads"):
         size.add_argument(f"--{field.replace('_', '-')}", type=int, help=f"override the shape's {field}")
     size.add_argument("--finetunes", type=int, default=2, help="fine-tuned models besides the base (default 2)")
@@ -315,6 +341,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ms.add_argument("--shard-size", type=parse_size, default="2GB", help="output shard size (floor and modelstock)")
     ms.add_argument("--memory-budget", type=parse_size, default="512MiB", help="modelstock's per-worker budget")
     ms.add_argument("--workers", type=int, help="modelstock --workers (default: as many as Ray schedules)")
+    ms.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="modelstock --device")
     mk = parser.add_argument_group("mergekit")
     mk.add_argument("--mergekit-threads", type=int, help="mergekit-yaml -j")
     mk.add_argument("--mergekit-arg", action="append", default=[], help="extra mergekit-yaml flag (repeatable)")
@@ -367,11 +394,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.sync()  # the previous run's dirty pages are flushed before, not during, this run
             warmed, warm_s = warm_page_cache(family.files())
             warm_times.append(warm_s)
-            print(f"[round {round_number}/{args.repeat}] {name}: page cache warmed ({human_bytes(warmed)} in {warm_s:.1f} s); running",
-                  flush=True)
-            run = run_measured(commands[name], runs_dir / f"{name}.log", env=env, cwd=str(REPO), timeout_s=args.timeout)
+            print(f"[round {round_number}/{args.repeat}] {name}: page cache warmed ({human_bytes(warmed)} "
+                  f"in {warm_s:.1f} s); running", flush=True)
+            run = run_contender(name, commands[name], runs_dir / f"{name}.log", env, args.timeout)
             all_runs[name].append(run)
-            status = "ok" if run.returncode == 0 else f"FAILED (exit {run.returncode}{', timed out' if run.timed_out else ''}); log: {run.log}"
+            failure = f"FAILED (exit {run.returncode}{', timed out' if run.timed_out else ''}); log: {run.log}"
+            status = "ok" if run.returncode == 0 else failure
             print(f"    {run.wall_s:.1f} s, {len(run.processes)} processes, {status}", flush=True)
             tail = Path(run.log).read_text(errors="replace").strip().splitlines()[-15:]
             if run.returncode != 0 and tail:

@@ -229,9 +229,13 @@ def _stop_processes(processes: Sequence[psutil.Process]) -> None:
 
 def run_measured(
     argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None,
-    cwd: str | None = None, timeout_s: float = 3600.0,
+    cwd: str | None = None, timeout_s: float = 3600.0, watch: Sequence[int] = (),
 ) -> TreeRun:
-    """Run ``argv`` to completion (stdout and stderr to ``log_path``) under the tree monitor."""
+    """Run ``argv`` to completion (stdout and stderr to ``log_path``) under the tree monitor.
+
+    ``watch``: roots of other process trees that work for the command while it runs (a Ray head
+    started beforehand: its raylet spawns the command's workers); they are measured too, as
+    ``ray-daemon`` and ``worker`` processes, and left running."""
     with open(log_path, "wb") as log:
         started = time.monotonic()
         process = subprocess.Popen(
@@ -240,6 +244,9 @@ def run_measured(
         )
         monitor = TreeMonitor(process.pid, started)
         monitor.start()
+        watchers = [TreeMonitor(root, started) for root in watch]
+        for watcher in watchers:
+            watcher.start()
         timed_out = threading.Event()
 
         def on_timeout() -> None:
@@ -282,13 +289,24 @@ def run_measured(
             _stop_processes(lingering)
         tree_exit = time.monotonic() - started
         monitor.stop()
+        for watcher in watchers:
+            watcher.stop()
 
-    peaks = sorted(monitor.peaks.values(), key=lambda p: (p.role != "driver", p.first_seen_s))
+    watched = []
+    for watcher in watchers:
+        for peak in watcher.peaks.values():
+            if peak.role == "driver":  # the watched tree's own root, not the command
+                peak.role = "ray-daemon"
+            watched.append(peak)
+    peaks = sorted([*monitor.peaks.values(), *watched], key=lambda p: (p.role != "driver", p.first_seen_s))
     if not any(p.role == "driver" for p in peaks):  # exited before the first sample
         peaks.insert(0, ProcessPeak(process.pid, "driver", " ".join(argv)[:300]))
     return TreeRun(
         argv=list(argv), returncode=process.returncode, wall_s=wall, tree_exit_s=tree_exit,
-        processes=peaks, peak_total_rss=monitor.peak_total_rss, peak_total_anon=monitor.peak_total_anon,
+        processes=peaks,
+        # With watched trees: the sum of each tree's own peak, an upper bound of the whole.
+        peak_total_rss=monitor.peak_total_rss + sum(w.peak_total_rss for w in watchers),
+        peak_total_anon=monitor.peak_total_anon + sum(w.peak_total_anon for w in watchers),
         samples=monitor.samples, lingering=described,
         timed_out=timed_out.is_set(), log=str(log_path),
     )
