@@ -1,4 +1,4 @@
-"""Ray-parallel ID/OOD evaluation (DESIGN section 5).
+"""Ray-parallel ID/OOD evaluation (docs/ARCHITECTURE.md, "Evaluation").
 
 Work items are (model x dataset shard); a pool of actors reads its own shards and checkpoints from
 storage and returns sums (integer counts, float64 NLL sums). The driver plans shards from Parquet
@@ -325,7 +325,8 @@ class RayEvaluator:
             # More actors than GPUs share them (fractional GPUs) rather than wait for ever.
             share = min(1.0, self.gpus / self.workers)
             options = {"num_gpus": share, "num_cpus": 0} if self.use_gpu else {"num_cpus": 1}
-            return [EvalWorker.options(**options).remote(self.storage_options, self.batch_size, self.use_gpu)
+            actor: Any = EvalWorker  # a Ray actor class: .options() is Ray's
+            return [actor.options(**options).remote(self.storage_options, self.batch_size, self.use_gpu)
                     for _ in range(self.workers)]
 
         return self._pool(("image", self.batch_size), start)
@@ -405,8 +406,9 @@ class RayEvaluator:
 
         def start() -> list[Any]:
             options = {"num_gpus": gpus_per_model, "num_cpus": 1} if pool.use_gpu else {"num_cpus": 1}
-            return [TextEvalWorker.options(**options).remote(self.storage_options, batching, dtype, gpus_per_model,
-                                                             pool.use_gpu, pool.capacity.bytes)
+            actor: Any = TextEvalWorker  # a Ray actor class: .options() is Ray's
+            return [actor.options(**options).remote(self.storage_options, batching, dtype, gpus_per_model,
+                                                    pool.use_gpu, pool.capacity.bytes)
                     for _ in range(pool.actors)]
 
         return self._pool(("text", pool), start)

@@ -1,4 +1,4 @@
-"""`ray job submit -- modelstock merge …` against real Ray heads on loopback (DESIGN §6): an open
+"""`ray job submit -- modelstock merge …` against real Ray heads on loopback: an open
 head, and one with Ray token authentication (issue #14), which must refuse a submitter without its
 token, in one line, and accept one with it, without the token showing up anywhere a job's viewers
 or logs can see it.
