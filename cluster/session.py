@@ -92,6 +92,12 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+def cluster_address(address: str | None) -> str | None:
+    """The cluster a session joins: ``address``, else ``RAY_ADDRESS`` (what ``ray job submit`` sets
+    for its entrypoint), else none (an embedded local instance)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def _logging_level(quiet: bool) -> int:
     return logging.WARNING if quiet else logging.INFO
 
@@ -186,7 +192,7 @@ class RaySessionStarter:
             self._ready.set()
             return
         self._owns_ray = True
-        target = address or os.environ.get("RAY_ADDRESS") or None
+        target = cluster_address(address)
         credentials = client_credentials()
         if target:
             check_before_connecting(target, credentials)
@@ -285,4 +291,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, log_to_
         yield starting.wait()
 
 
-__all__ = ["ClusterResources", "RaySession", "RaySessionStarter", "is_loopback", "ray_session", "start_session"]
+__all__ = [
+    "ClusterResources", "RaySession", "RaySessionStarter", "cluster_address", "is_loopback", "ray_session",
+    "start_session",
+]

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from cluster.session import start_session
+from cluster.session import cluster_address, start_session
 from modelstock.recipe import load_recipe
 from pipeline.cli.evaluate import evaluate_merged
 from pipeline.cli.options import EXIT_OK, RunOptions, add_ray_options, parse_size, positive_int
@@ -39,7 +38,7 @@ WARM_WORKERS = 16
 
 
 def _merge(request: MergeRequest, options: RunOptions, suite: str | None) -> MergeResult:
-    attached = bool(options.address or os.environ.get("RAY_ADDRESS"))
+    attached = cluster_address(options.address) is not None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan") as planner:
         planning: Future[PreparedMerge] = planner.submit(prepare_merge, request)
         prepared: PreparedMerge | None = None
