@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from modelstock.errors import InputError, ModelStockError
-from pipeline.cli import demo, evaluate, inspect, merge, methods, soup
+from pipeline.cli import demo, evaluate, inspect, merge, methods, search, soup
 from pipeline.cli.options import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, OneLineErrors
 
 OWN_LOGGERS = ("modelstock", "pipeline", "cluster")
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrors(prog="modelstock", description="Merge fine-tuned checkpoints on Ray.", parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser = functools.partial(sub.add_parser, parents=[common])  # type: ignore[method-assign,list-item]
-    for command in (merge, inspect, methods, evaluate, soup, demo):
+    for command in (merge, inspect, methods, evaluate, soup, search, demo):
         command.add_command(sub)
     return parser
 
