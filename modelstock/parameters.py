@@ -10,12 +10,14 @@ Values are looked up in scopes from the most specific (a model's own parameters)
 (the recipe's top-level ``parameters``); a scope whose value does not apply to the tensor (no
 filter matches) passes on to the next, as in mergekit. Values are then validated against the
 method's typed parameter dataclasses, strictly (YAML's ``yes`` is a boolean, ``"1"`` is not a
-number; integers are accepted where floats are expected).
+number; integers are accepted where floats are expected), and against the domain each field
+declares (:class:`~modelstock.methods.base.Domain`); every number must be finite.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
@@ -25,7 +27,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict
 
 from modelstock.errors import InvalidRecipe
-from modelstock.methods.base import MergeMethod, recipe_name
+from modelstock.methods.base import Domain, MergeMethod, field_domains, recipe_name
 
 Scalar = bool | int | float | str
 Gradient = list[Scalar]
@@ -105,9 +107,36 @@ def required_names(kind: type) -> list[str]:
     ]
 
 
+@lru_cache(maxsize=256)
+def recipe_domains(kind: type) -> dict[str, Domain]:
+    """Recipe name -> the field's declared domain (fields without one: only finiteness is checked)."""
+    by_field = field_domains(kind)
+    return {recipe_name(f): by_field[f.name] for f in dataclasses.fields(kind) if f.name in by_field}
+
+
+def domain_problem(kind: type, name: str, value: Any) -> str | None:
+    """Why a validated scalar is outside the parameter's domain, or None."""
+    if not _is_number(value):
+        return None
+    domain = recipe_domains(kind).get(name)
+    if domain is None:
+        return None if math.isfinite(value) else f"{value} is not a finite number"
+    return domain.problem(float(value))
+
+
+def clamped(kind: type, name: str, value: Any) -> Any:
+    """The value a clamping domain turns ``value`` into (mergekit's density above 1 is 1)."""
+    domain = recipe_domains(kind).get(name)
+    return domain.clamped(value) if domain is not None else value
+
+
 def validate_value(kind: type, name: str, value: Any) -> Any:
     # Strict: YAML's `yes`/"1" must not silently become True/1.0; ints are accepted as floats.
-    return field_adapters(kind)[name][1].validate_python(value, strict=True)
+    validated = field_adapters(kind)[name][1].validate_python(value, strict=True)
+    problem = domain_problem(kind, name, validated)
+    if problem is not None:
+        raise ValueError(problem)
+    return clamped(kind, name, validated)
 
 
 @lru_cache(maxsize=4096)
@@ -127,14 +156,34 @@ def instantiate(kind: type, values: Mapping[str, Any], where: str, tensor: str) 
         return _instantiate_cached(kind, frozen)
     except pydantic.ValidationError as exc:
         raise InvalidRecipe(f"{where}: a parameter for tensor {tensor!r}: {exc.errors()[0]['msg']}") from None
+    except ValueError as exc:
+        raise InvalidRecipe(f"{where}: a parameter for tensor {tensor!r}: {exc}") from None
 
 
-def check_types(method: MergeMethod[Any, Any], name: str, value: ParameterValue, where: str) -> None:
-    """Every scalar a value can take has the parameter's type (gradients: every anchor)."""
+def _has_empty_list(value: ParameterValue) -> bool:
+    if isinstance(value, ConditionalValue):
+        return _has_empty_list(value.value)
+    if isinstance(value, list):
+        return not value or any(_has_empty_list(item) for item in value if isinstance(item, ConditionalValue))
+    return False
+
+
+def check_types(method: MergeMethod[Any, Any], name: str, value: ParameterValue, where: str) -> list[str]:
+    """Every scalar a value can take has the parameter's type and lies in its domain (gradients:
+    every anchor; conditional lists: every option). Returns the notices of clamped values."""
     method_names, _ = method.parameter_names()
     kind = method.parameters if name in method_names else method.model_parameters
+    if _has_empty_list(value):
+        raise ValueError(f"{where}: parameter {name!r}: an empty list is not a value (give a number or a non-empty gradient)")
+    notices: list[str] = []
     for scalar in scalars_of(value):
         try:
-            validate_value(kind, name, scalar)
+            validated = field_adapters(kind)[name][1].validate_python(scalar, strict=True)
         except pydantic.ValidationError as exc:
             raise ValueError(f"{where}: parameter {name!r}: {exc.errors()[0]['msg']}, got {scalar!r}") from None
+        problem = domain_problem(kind, name, validated)
+        if problem is not None:
+            raise ValueError(f"{where}: parameter {name!r}: {problem}")
+        if clamped(kind, name, validated) != validated:
+            notices.append(f"{where}: {name} {validated:g} clamped to {clamped(kind, name, validated):g} (as mergekit)")
+    return notices

@@ -24,6 +24,7 @@ tensor names; excluded tensors are copied from the base model.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import hashlib
 import json
@@ -39,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from modelstock.dtypes import RECIPE_DTYPES
 from modelstock.errors import InvalidRecipe
 from modelstock.methods import get_method
+from modelstock.methods import method_names as registered_methods
 from modelstock.methods.base import MergeMethod, TensorParameters
 from modelstock.parameters import ParameterValue, Scope, check_types, instantiate, required_names, resolve
 from modelstock.sources import source_url
@@ -282,6 +284,12 @@ class MergeRecipe(BaseModel):
         return self
 
     @property
+    def parameter_notices(self) -> ParameterNotices:
+        """Parameters this method does not use, and values clamped to their domain (see
+        :class:`ParameterNotices`); :func:`check_strict_parameters` refuses the unused ones."""
+        return _check_parameter_names(self, get_method(self.merge_method))
+
+    @property
     def method(self) -> MergeMethod[Any, Any]:
         return get_method(self.merge_method)
 
@@ -381,37 +389,76 @@ def _model_scopes(recipe: MergeRecipe) -> list[tuple[str, Mapping[str, Parameter
     return [(source.model, source.parameters) for output in recipe.slices or [] for source in output.sources]
 
 
-def _check_parameter_names(recipe: MergeRecipe, method: MergeMethod[Any, Any]) -> None:
-    method_names, model_names = method.parameter_names()
-    known = sorted(method_names | model_names)
+def known_parameter_names() -> set[str]:
+    """Every parameter name some registered method takes (computed from the registry, so methods
+    registered later count)."""
+    names: set[str] = set()
+    for name in registered_methods():
+        method_names_, model_names = get_method(name).parameter_names()
+        names |= method_names_ | model_names
+    return names
+
+
+def _unknown(name: str, method: MergeMethod[Any, Any], where: str, own: set[str]) -> ValueError:
+    """A name no registered method takes: most likely a typo of one this method takes."""
+    close = difflib.get_close_matches(name, sorted(own), n=1) or difflib.get_close_matches(
+        name, sorted(known_parameter_names()), n=1
+    )
+    hint = f"; did you mean {close[0]!r}?" if close else f" (known: {sorted(own)})"
+    return ValueError(f"{where}unknown parameter {name!r} for {method.name}{hint}")
+
+
+@dataclass(frozen=True)
+class ParameterNotices:
+    """What a recipe's parameters do that the user should hear about, without being refused:
+    names this method does not use (mergekit ignores them silently) and values clamped to their
+    domain."""
+
+    unused: tuple[str, ...]
+    clamped: tuple[str, ...]
+
+
+def _check_parameter_names(recipe: MergeRecipe, method: MergeMethod[Any, Any]) -> ParameterNotices:
+    method_names_, model_names = method.parameter_names()
+    own = method_names_ | model_names
+    unused: list[str] = []
     shared: list[tuple[str, Mapping[str, ParameterValue]]] = [("parameters", recipe.parameters)]
     shared += [(f"slices[{i}].parameters", output.parameters) for i, output in enumerate(recipe.slices or [])]
-    for _, scope in shared:
+    for where, scope in shared:
         for name in scope:
-            if name not in method_names | model_names:
-                raise ValueError(f"unknown parameter {name!r} for {method.name} (known: {known})")
+            if name not in own:
+                if name not in known_parameter_names():
+                    raise _unknown(name, method, "" if where == "parameters" else f"{where}: ", own)
+                unused.append(f"{where}: {name}")
     for model, scope in _model_scopes(recipe):
         for name in scope:
-            if name in method_names:
+            if name in method_names_:
                 raise ValueError(f"model {model}: {name!r} is a method-wide parameter; set it under top-level parameters")
             if name not in model_names:
-                raise ValueError(f"model {model}: unknown parameter {name!r} for {method.name} (known: {sorted(model_names)})")
+                if name not in known_parameter_names():
+                    raise _unknown(name, method, f"model {model}: ", model_names)
+                unused.append(f"model {model}: {name}")
     all_shared = [scope for _, scope in shared]
     for name in required_names(method.parameters):
         if not any(name in scope for scope in all_shared):
             raise ValueError(f"{method.name} needs parameter {name!r} under top-level parameters")
     for spec in recipe.slice_specs():
-        for model, own in zip(spec.models, spec.model_scopes):
+        for model, own_scope in zip(spec.models, spec.model_scopes):
             for name in required_names(method.model_parameters):
-                if not any(name in scope for scope in (own, spec.scope, recipe.parameters)):
+                if not any(name in scope for scope in (own_scope, spec.scope, recipe.parameters)):
                     raise ValueError(f"model {model}: {method.name} needs parameter {name!r}")
-    # Type-check every value once up front (filters and gradients are resolved per tensor).
+    # Type- and domain-check every value once up front (filters and gradients are resolved per
+    # tensor); unused names have no effect, so their values are not checked.
+    clamped: list[str] = []
     for where, shared_scope in shared:
         for name, value in shared_scope.items():
-            check_types(method, name, value, where)
+            if name in own:
+                clamped += check_types(method, name, value, where)
     for model, scope in _model_scopes(recipe):
         for name, value in scope.items():
-            check_types(method, name, value, f"model {model}")
+            if name in own:
+                clamped += check_types(method, name, value, f"model {model}")
+    return ParameterNotices(unused=tuple(unused), clamped=tuple(dict.fromkeys(clamped)))
 
 
 def _format_validation_error(source: str, exc: pydantic.ValidationError) -> str:

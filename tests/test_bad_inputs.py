@@ -450,8 +450,8 @@ def recipe_parameter_wrong_type(w: Workspace) -> Case:
 
 
 def recipe_unknown_parameter(w: Workspace) -> Case:
-    recipe = w.recipe(extra="parameters:\n  density: 0.5\n")
-    return w.case(str(recipe), "density", recipe=recipe)
+    recipe = w.recipe(extra="parameters:\n  densty: 0.5\n")
+    return w.case(str(recipe), "densty", recipe=recipe)
 
 
 def recipe_unknown_dtype(w: Workspace) -> Case:

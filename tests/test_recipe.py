@@ -181,8 +181,8 @@ BAD_RECIPES: dict[str, tuple[str, str]] = {
         r"weight.*'lots'",
     ),
     "unknown_parameter": (
-        "merge_method: model_stock\nbase_model: b\nmodels: [{model: x}, {model: y}]\nparameters: {density: 0.5}\n",
-        r"unknown parameter 'density'",
+        "merge_method: model_stock\nbase_model: b\nmodels: [{model: x}, {model: y}]\nparameters: {densty: 0.5}\n",
+        r"unknown parameter 'densty'",
     ),
     "method_parameter_on_a_model": (
         "merge_method: model_stock\nbase_model: b\nmodels:\n  - model: x\n    parameters: {filter_wise: true}\n  - model: y\n",

@@ -19,6 +19,8 @@ function (:func:`modelstock.methods.define.blend_method`).
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
@@ -29,6 +31,61 @@ ReductionScope = Literal["tensor", "rows"]
 
 P = TypeVar("P")  # the method's parameters (a frozen dataclass)
 M = TypeVar("M")  # one model's parameters (a frozen dataclass)
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The values a numeric parameter may take, declared on its annotation and checked where the
+    recipe enters: ``density: Annotated[float, Domain(ge=0, le=1, clamp=True)] = 1.0``.
+
+    Every number must be finite whatever its domain. ``clamp`` clamps a value above ``le`` to
+    ``le`` (reported, not refused), as mergekit treats a density above 1; values below the lower
+    bound are always refused. ``why`` says where the bound comes from (shown in refusals).
+    """
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    clamp: bool = False
+    why: str = ""
+
+    def describe(self) -> str:
+        low = f"({self.gt:g}" if self.gt is not None else f"[{self.ge:g}" if self.ge is not None else "(-inf"
+        high = f"{self.lt:g})" if self.lt is not None else f"{self.le:g}]" if self.le is not None else "inf)"
+        return f"in {low}, {high}"
+
+    def problem(self, value: float) -> str | None:
+        """Why ``value`` is refused, or None (a value that will be clamped is not refused)."""
+        if not math.isfinite(value):
+            return f"{value} is not a finite number"
+        too_low = (self.gt is not None and value <= self.gt) or (self.ge is not None and value < self.ge)
+        too_high = (self.lt is not None and value >= self.lt) or (
+            self.le is not None and value > self.le and not self.clamp
+        )
+        if too_low or too_high:
+            return f"{value:g} must be {self.describe()}" + (f" ({self.why})" if self.why else "")
+        return None
+
+    def clamped(self, value: Any) -> Any:
+        if self.clamp and self.le is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return min(value, self.le) if value > self.le else value
+        return value
+
+
+# The fraction of a task vector's entries a sparsifying method keeps (ties, dare, della, breadcrumbs).
+Density = typing.Annotated[float, Domain(ge=0, le=1, clamp=True, why="a density above 1 keeps everything, as in mergekit")]
+
+
+def field_domains(kind: type) -> dict[str, Domain]:
+    """Field name -> the :class:`Domain` declared in its ``Annotated`` type (fields without one omitted)."""
+    hints = typing.get_type_hints(kind, include_extras=True)
+    domains: dict[str, Domain] = {}
+    for name, hint in hints.items():
+        for meta in getattr(hint, "__metadata__", ()):
+            if isinstance(meta, Domain):
+                domains[name] = meta
+    return domains
 
 
 @dataclass(frozen=True)

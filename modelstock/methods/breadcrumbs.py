@@ -23,10 +23,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
-from modelstock.methods.base import BaseBlock, Coefficients, MergeMethod, Reduction, TensorParameters
+from modelstock.methods.base import BaseBlock, Coefficients, Density, Domain, MergeMethod, Reduction, TensorParameters
 from modelstock.methods.registry import register
 from modelstock.methods.selection import Selection
 from modelstock.methods.task_arithmetic import combine_task_vectors, lambda_field
@@ -44,8 +45,8 @@ class BreadcrumbsParameters:
 @dataclass(frozen=True)
 class BreadcrumbsModelParameters:
     weight: float
-    density: float = 1.0
-    gamma: float = 0.01
+    density: Density = 1.0
+    gamma: Annotated[float, Domain(ge=0, le=1)] = 0.01
 
 
 Parameters = TensorParameters[BreadcrumbsParameters, BreadcrumbsModelParameters]

@@ -13,6 +13,10 @@ def nearswap(block: BaseBlock, *, t: float) -> torch.Tensor:
   model, in the recipe's order (set per model or once under ``parameters``). A default makes a
   parameter optional; a per-model parameter's default is written as a 1-tuple (``(1.0,)``: 1.0
   for every model). A trailing underscore is dropped from the recipe name (``lambda_``).
+- A numeric parameter's valid values are declared on its annotation with
+  :class:`~modelstock.methods.base.Domain`: ``t: Annotated[float, Domain(ge=0)]``, or per model
+  ``density: tuple[Annotated[float, Domain(ge=0, le=1, clamp=True)], ...] = (1.0,)``; recipes
+  whose values leave the domain are refused before any tensor is read.
 - The function receives the block's tensors already in the compute dtype (float32 for 16-bit
   outputs, float64 otherwise) and returns the merged rows in that dtype.
 """
@@ -82,7 +86,7 @@ def blend_method(
     """Register ``function`` as the merge method ``name`` (see the module docstring)."""
 
     def define(function: BlendFunction) -> BlendFunction:
-        hints = typing.get_type_hints(function)
+        hints = typing.get_type_hints(function, include_extras=True)  # keeps Domain annotations
         arguments = list(inspect.signature(function).parameters.values())
         if not arguments or hints.get(arguments[0].name) not in (BaseBlock, ModelsBlock):
             raise TypeError(f"{function.__name__}: the first argument must be annotated BaseBlock or ModelsBlock")

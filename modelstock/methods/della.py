@@ -27,12 +27,13 @@ one L1 pass (float64), then the blend. mergekit draws from torch's global RNG in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
 from modelstock.errors import InvalidRecipe
 from modelstock.methods import dare
-from modelstock.methods.base import BaseBlock, Coefficients, MergeMethod, Reduction, TensorParameters
+from modelstock.methods.base import BaseBlock, Coefficients, Density, Domain, MergeMethod, Reduction, TensorParameters
 from modelstock.methods.registry import register
 from modelstock.methods.task_arithmetic import combine_task_vectors, lambda_field
 
@@ -58,8 +59,8 @@ class DellaLinearParameters:
 @dataclass(frozen=True)
 class DellaModelParameters:
     weight: float
-    density: float = 1.0
-    epsilon: float = 0.15
+    density: Density = 1.0
+    epsilon: Annotated[float, Domain(ge=0, lt=1, why='density +- epsilon must lie in (0, 1), as mergekit requires')] = 0.15
 
 
 Parameters = TensorParameters[DellaParameters | DellaLinearParameters, DellaModelParameters]

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
 from modelstock.methods.base import (
     Coefficients,
+    Domain,
     Finalized,
     MergeMethod,
     ModelsBlock,
@@ -44,8 +46,8 @@ from modelstock.methods.registry import register
 
 @dataclass(frozen=True)
 class KarcherParameters:
-    max_iter: int = 10
-    tol: float = 1e-5
+    max_iter: Annotated[int, Domain(ge=1)] = 10
+    tol: Annotated[float, Domain(gt=0)] = 1e-5
 
 
 Parameters = TensorParameters[KarcherParameters, NoParameters]

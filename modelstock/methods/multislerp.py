@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
@@ -34,6 +35,7 @@ from modelstock.errors import InvalidRecipe
 from modelstock.methods.base import (
     BaseBlock,
     Coefficients,
+    Domain,
     Finalized,
     MergeMethod,
     ModelsBlock,
@@ -46,7 +48,7 @@ from modelstock.methods.registry import register
 @dataclass(frozen=True)
 class MultislerpParameters:
     normalize_weights: bool = True
-    eps: float = 1e-8
+    eps: Annotated[float, Domain(gt=0)] = 1e-8
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
 from modelstock.methods.base import (
     BaseBlock,
     Coefficients,
+    Domain,
     Finalized,
     MergeMethod,
     ModelsBlock,
@@ -47,7 +49,7 @@ NONZERO = "sce.nonzero"
 @dataclass(frozen=True)
 class SceParameters:
     int8_mask: bool = False
-    select_topk: float = 1.0
+    select_topk: Annotated[float, Domain(ge=0, le=1, clamp=True, why='1 keeps every entry, as in mergekit')] = 1.0
 
 
 Parameters = TensorParameters[SceParameters, NoParameters]

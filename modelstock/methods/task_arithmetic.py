@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from modelstock.methods.base import BaseBlock
+from modelstock.methods.base import BaseBlock, Density
 from modelstock.methods.define import blend_method
 
 WEIGHT_SUM_EPS = 1e-8
@@ -36,7 +36,7 @@ class TaskVectorWeight:
     """Per-model parameters of the task-vector methods."""
 
     weight: float
-    density: float = 1.0
+    density: Density = 1.0
 
 
 def elect_sign(weighted: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -82,7 +82,7 @@ def task_arithmetic(
     block: BaseBlock,
     *,
     weight: tuple[float, ...],
-    density: tuple[float, ...] = (1.0,),
+    density: tuple[Density, ...] = (1.0,),
     normalize: bool = False,
     lambda_: float = 1.0,
     rescale: bool = False,
