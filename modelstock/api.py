@@ -17,7 +17,14 @@ from modelstock.errors import InvalidRecipe
 from modelstock.methods.base import TensorStats
 from modelstock.planner import CatalogEntry, ModelCatalog, TensorPlan, plan_tensors
 from modelstock.quantization import BlockFP8
-from modelstock.recipe import MergeRecipe, parse_recipe, recipe_models
+from modelstock.recipe import (
+    MergeRecipe,
+    check_filters_match,
+    check_strict_parameters,
+    log_parameter_notices,
+    parse_recipe,
+    recipe_models,
+)
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -31,11 +38,15 @@ def merge_state_dicts(
     out_dtype: torch.dtype | None = None,
     exclude: Sequence[str] = (),
     quantization: BlockFP8 | None = None,
+    strict_parameters: bool = False,
+    allow_empty_filter: bool = False,
 ) -> tuple[dict[str, torch.Tensor], list[TensorStats]]:
     """Merge state dicts with a registered method; returns the merged dict and per-tensor stats.
 
     Example: ``merge_state_dicts("model_stock", [ft1, ft2], base=w0)``. With ``quantization``
     (block-FP8 state dicts: codes plus ``*_scale_inv`` block scales), weights are dequantized.
+    A parameter another method takes but this one does not is ignored with a warning, or refused
+    with ``strict_parameters``; ``exclude`` patterns matching nothing are refused unless ``allow_empty_filter``.
     """
     labels = [f"models[{i}]" for i in range(len(models))]
     recipe = parse_recipe(
@@ -51,27 +62,38 @@ def merge_state_dicts(
             **({"out_dtype": _recipe_dtype_name(out_dtype)} if out_dtype is not None else {}),
         },
         source="merge_state_dicts",
+        strict_parameters=strict_parameters,
     )
     states = {"base": base} if base is not None else {}
     states.update(zip(labels, models))
-    return merge_recipe_in_memory(recipe, states, quantization)
+    return merge_recipe_in_memory(recipe, states, quantization, strict_parameters, allow_empty_filter)
 
 
-def plan_in_memory(recipe: MergeRecipe, states: Mapping[str, StateDict], quantization: BlockFP8 | None = None) -> TensorPlan:
+def plan_in_memory(recipe: MergeRecipe, states: Mapping[str, StateDict], quantization: BlockFP8 | None = None,
+                   allow_empty_filter: bool = False) -> TensorPlan:
     """The jobs of ``recipe`` on state dicts named as the recipe names its models (the planner the
     Ray driver uses, on catalogs made from the tensors instead of headers)."""
     missing = [name for name in recipe_models(recipe) if name not in states]
     if missing:
         raise InvalidRecipe(f"merge: no state dict for model {missing[0]!r}")
+    check_filters_match(recipe, (name for model in recipe_models(recipe) for name in states[model]), allow_empty_filter)
     return plan_tensors(recipe, {name: _catalog(name, states[name], quantization) for name in recipe_models(recipe)})
 
 
 def merge_recipe_in_memory(
-    recipe: MergeRecipe, states: Mapping[str, StateDict], quantization: BlockFP8 | None = None
+    recipe: MergeRecipe,
+    states: Mapping[str, StateDict],
+    quantization: BlockFP8 | None = None,
+    strict_parameters: bool = False,
+    allow_empty_filter: bool = False,
 ) -> tuple[dict[str, torch.Tensor], list[TensorStats]]:
     """Merge state dicts as a recipe says (any method, slices, gradients), keyed by the recipe's
-    model names; returns the merged dict and per-tensor stats."""
-    plan = plan_in_memory(recipe, states, quantization)
+    model names; returns the merged dict and per-tensor stats. Parameters the method does not use
+    are warned about (refused with ``strict_parameters``)."""
+    if strict_parameters:
+        check_strict_parameters(recipe)
+    log_parameter_notices(recipe)
+    plan = plan_in_memory(recipe, states, quantization, allow_empty_filter)
     inputs = [states[name] for name in recipe_models(recipe)]
     merged: dict[str, torch.Tensor] = {}
     stats: list[TensorStats] = []

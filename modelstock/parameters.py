@@ -21,7 +21,7 @@ import math
 import typing
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
-from typing import Any
+from typing import Annotated, Any
 
 import pydantic
 from pydantic import BaseModel, ConfigDict
@@ -40,6 +40,52 @@ class ConditionalValue(BaseModel):
 
 
 ParameterValue = Scalar | Gradient | ConditionalValue | list[ConditionalValue]
+
+_SHAPES = "a number, a boolean, a string, a gradient (a list of them) or a conditional list of {filter, value} entries"
+
+
+def _check_option(option: Any, where: str) -> None:
+    if not isinstance(option, Mapping):
+        raise ValueError(f"{where} is {option!r}; a conditional list's entries are {{filter: ..., value: ...}} mappings")
+    extra = sorted(str(k) for k in option if k not in ("filter", "value"))
+    if extra:
+        raise ValueError(f"{where}: unknown key {extra[0]!r} (an entry has a filter and a value)")
+    if "value" not in option:
+        raise ValueError(f"{where}: needs a value")
+    if option.get("filter") is not None and not isinstance(option["filter"], str):
+        raise ValueError(f"{where}: filter must be a string (part of a tensor name, or '*'), got {option['filter']!r}")
+    value = option["value"]
+    if isinstance(value, list):
+        bad = [v for v in value if not isinstance(v, (bool, int, float, str))]
+        if bad:
+            raise ValueError(f"{where}: value: a gradient holds numbers, booleans or strings, got {bad[0]!r}")
+    elif not isinstance(value, (bool, int, float, str)):
+        raise ValueError(f"{where}: value must be a number, a boolean, a string or a gradient, got {value!r}")
+
+
+def check_value_shape(value: Any) -> Any:
+    """Refuse a malformed value in words a recipe's author reads (before pydantic tries each member
+    of the union and reports the last one's complaint, such as 'Input should be a valid boolean')."""
+    if isinstance(value, (bool, int, float, str, ConditionalValue)):
+        return value
+    if isinstance(value, Mapping):
+        _check_option(value, "the conditional value")
+        return value
+    if isinstance(value, list):
+        if any(isinstance(v, (Mapping, ConditionalValue)) for v in value):
+            for index, option in enumerate(value):
+                if not isinstance(option, ConditionalValue):
+                    _check_option(option, f"entry {index}")
+            return value
+        bad = [v for v in value if not isinstance(v, (bool, int, float, str))]
+        if bad:
+            raise ValueError(f"a gradient holds numbers, booleans or strings, got {bad[0]!r}")
+        return value
+    raise ValueError(f"must be {_SHAPES}, got {value!r}")
+
+
+# A parameter value as a recipe field: its shape checked first, with a clear message.
+RecipeParameterValue = Annotated[ParameterValue, pydantic.BeforeValidator(check_value_shape)]
 Scope = Mapping[str, ParameterValue]
 
 

@@ -28,7 +28,8 @@ import difflib
 import fnmatch
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -42,8 +43,19 @@ from modelstock.errors import InvalidRecipe
 from modelstock.methods import get_method
 from modelstock.methods import method_names as registered_methods
 from modelstock.methods.base import MergeMethod, TensorParameters
-from modelstock.parameters import ParameterValue, Scope, check_types, instantiate, required_names, resolve
+from modelstock.parameters import (
+    ConditionalValue,
+    ParameterValue,
+    RecipeParameterValue,
+    Scope,
+    check_types,
+    instantiate,
+    required_names,
+    resolve,
+)
 from modelstock.sources import source_url
+
+log = logging.getLogger(__name__)
 
 
 def _same(a: str | None, b: str | None) -> bool:
@@ -53,7 +65,7 @@ def _same(a: str | None, b: str | None) -> bool:
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     model: str = Field(min_length=1)
-    parameters: dict[str, ParameterValue] = Field(default_factory=dict)
+    parameters: dict[str, RecipeParameterValue] = Field(default_factory=dict)
     init: str | None = None  # Ratatouille: the initialisation this ingredient was fine-tuned from
 
 
@@ -61,7 +73,7 @@ class SliceSource(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     model: str = Field(min_length=1)
     layer_range: tuple[int, int]
-    parameters: dict[str, ParameterValue] = Field(default_factory=dict)
+    parameters: dict[str, RecipeParameterValue] = Field(default_factory=dict)
 
     @field_validator("layer_range")
     @classmethod
@@ -79,7 +91,7 @@ class OutputSlice(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     sources: list[SliceSource] = Field(min_length=1)
     base_model: str | None = None
-    parameters: dict[str, ParameterValue] = Field(default_factory=dict)
+    parameters: dict[str, RecipeParameterValue] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _equal_lengths(self) -> OutputSlice:
@@ -150,7 +162,7 @@ class MergeRecipe(BaseModel):
     base_model: str | None = None
     models: list[ModelEntry] | None = None
     slices: list[OutputSlice] | None = None
-    parameters: dict[str, ParameterValue] = Field(default_factory=dict)
+    parameters: dict[str, RecipeParameterValue] = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
     include: list[str] = Field(default_factory=list)
@@ -461,27 +473,97 @@ def _check_parameter_names(recipe: MergeRecipe, method: MergeMethod[Any, Any]) -
     return ParameterNotices(unused=tuple(unused), clamped=tuple(dict.fromkeys(clamped)))
 
 
-def _format_validation_error(source: str, exc: pydantic.ValidationError) -> str:
+def check_strict_parameters(recipe: MergeRecipe, source: str = "<recipe>") -> None:
+    """Strict mode: a parameter this method does not use is refused, not ignored."""
+    unused = recipe.parameter_notices.unused
+    if unused:
+        raise InvalidRecipe(
+            f"{source}: {unused[0]}: {recipe.merge_method} does not use this parameter "
+            "(strict parameters refuse unused ones; drop it or run without --strict)"
+        )
+
+
+def log_parameter_notices(recipe: MergeRecipe) -> ParameterNotices:
+    """Say once, on the driver, which parameters have no effect and which values were clamped."""
+    notices = recipe.parameter_notices
+    for where in notices.unused:
+        log.warning("%s: unused by %s, ignored (as mergekit ignores it)", where, recipe.merge_method)
+    for notice in notices.clamped:
+        log.warning("%s", notice)
+    return notices
+
+
+def _conditional_filters(value: ParameterValue) -> list[str]:
+    options = [value] if isinstance(value, ConditionalValue) else value if isinstance(value, list) else []
+    return [o.filter for o in options if isinstance(o, ConditionalValue) and o.filter not in (None, "*")]
+
+
+def check_filters_match(recipe: MergeRecipe, tensor_names: Iterable[str], allow_empty: bool = False) -> None:
+    """``include``/``exclude`` patterns and parameter ``filter``s that match no tensor of the merge
+    are refused (most likely a typo that would silently change nothing), unless ``allow_empty``."""
+    if allow_empty:
+        return
+    names = list(dict.fromkeys(tensor_names))
+    for key, patterns in (("include", recipe.include), ("exclude", recipe.exclude)):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                raise InvalidRecipe(f"{key} pattern {pattern!r} matches no tensor of the merge "
+                                    "(check it, or pass --allow-empty-filter)")
+    scopes = [recipe.parameters, *(o.parameters for o in recipe.slices or [])]
+    scopes += [scope for _, scope in _model_scopes(recipe)]
+    for scope in scopes:
+        for parameter, value in scope.items():
+            for pattern in _conditional_filters(value):
+                if not any(pattern in name for name in names):
+                    raise InvalidRecipe(f"parameter {parameter!r}: filter {pattern!r} matches no tensor of the merge "
+                                        "(check it, or pass --allow-empty-filter)")
+
+
+def _location(loc: Sequence[int | str], data: Any) -> str:
+    """The error's path in the user's recipe: keys and indices that exist there. pydantic adds its
+    own steps (union members such as ``bool`` or ``function-after[...]``), which mean nothing to a user."""
+    parts: list[str] = []
+    for step in loc:
+        present = (isinstance(data, Mapping) and step in data) or (
+            isinstance(data, list) and isinstance(step, int) and 0 <= step < len(data)
+        )
+        if present:
+            data = data[step]  # type: ignore[index]
+        elif isinstance(step, str) and ("[" in step or "-" in step or step in _PYDANTIC_TAGS):
+            continue
+        parts.append(str(step))
+    return ".".join(parts)
+
+
+# Union members pydantic names in an error's location.
+_PYDANTIC_TAGS = {"bool", "int", "float", "str", "list", "dict", "ConditionalValue", "ModelTokenSource", "ZeroSource"}
+
+
+def _format_validation_error(source: str, exc: pydantic.ValidationError, data: Any = None) -> str:
     error = exc.errors()[0]
-    location = ".".join(str(p) for p in error["loc"])
+    location = _location(error["loc"], data) if data is not None else ".".join(str(p) for p in error["loc"])
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key (not supported by modelstock)"
     return f"{source}: {location + ': ' if location else ''}{message}"
 
 
-def parse_recipe(data: Mapping[str, Any] | Any, source: str = "<recipe>") -> MergeRecipe:
+def parse_recipe(data: Mapping[str, Any] | Any, source: str = "<recipe>", strict_parameters: bool = False) -> MergeRecipe:
+    """A validated recipe; ``strict_parameters`` also refuses parameters the method does not use."""
     if not isinstance(data, Mapping):
         raise InvalidRecipe(f"{source}: a recipe must be a mapping with merge_method, models, ...")
     try:
-        return MergeRecipe.model_validate(dict(data))
+        recipe = MergeRecipe.model_validate(dict(data))
     except InvalidRecipe as exc:
         raise InvalidRecipe(f"{source}: {exc}") from None
     except pydantic.ValidationError as exc:
-        raise InvalidRecipe(_format_validation_error(source, exc)) from None
+        raise InvalidRecipe(_format_validation_error(source, exc, data)) from None
+    if strict_parameters:
+        check_strict_parameters(recipe, source)
+    return recipe
 
 
-def load_recipe(path: str | Path) -> MergeRecipe:
+def load_recipe(path: str | Path, strict_parameters: bool = False) -> MergeRecipe:
     """Read and validate a recipe YAML file from local disk."""
     path = Path(path)
     try:
@@ -497,7 +579,7 @@ def load_recipe(path: str | Path) -> MergeRecipe:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise InvalidRecipe(f"{path}: invalid YAML{where}: {problem}") from None
-    return parse_recipe(data, str(path))
+    return parse_recipe(data, str(path), strict_parameters)
 
 
 def recipe_models(recipe: MergeRecipe) -> Sequence[str]:

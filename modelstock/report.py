@@ -12,7 +12,14 @@ from typing import Any
 from modelstock.methods.base import TensorStats
 
 
-def report_json(method: str, recipe_yaml: str, tensors: Sequence[TensorStats], ignored: Sequence[str] = ()) -> dict[str, Any]:
+def report_json(
+    method: str,
+    recipe_yaml: str,
+    tensors: Sequence[TensorStats],
+    ignored: Sequence[str] = (),
+    unused_parameters: Sequence[str] = (),
+    clamped_parameters: Sequence[str] = (),
+) -> dict[str, Any]:
     merged = [s for s in tensors if s.method != "copy"]
     ratios = [s.values["t"] for s in merged if "t" in s.values]
     flags = Counter(flag for s in tensors for flag in s.flags)
@@ -30,6 +37,10 @@ def report_json(method: str, recipe_yaml: str, tensors: Sequence[TensorStats], i
             "reread_bytes": reread,
             # Tensors some inputs hold but the output (shaped as the base) does not, as mergekit.
             "ignored_tensors": list(ignored),
+            # Recipe parameters this method does not use (no effect, as in mergekit), and values
+            # clamped to their domain (a density above 1 is 1).
+            "unused_parameters": list(unused_parameters),
+            "clamped_parameters": list(clamped_parameters),
             **(
                 {"t_mean": sum(ratios) / len(ratios), "t_min": min(ratios), "t_max": max(ratios)}
                 if ratios

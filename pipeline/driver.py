@@ -22,6 +22,7 @@ from modelstock import storage
 from modelstock.checkpoint.model_config import read_model_config
 from modelstock.checkpoint.reader import Checkpoint, open_checkpoint
 from modelstock.checkpoint.tokenizer import TOKENIZER_FILES
+from modelstock.consistency import CheckedInput, check_inputs
 from modelstock.dtypes import CONFIG_DTYPE_NAMES
 from modelstock.errors import InputError, OutputConflict, StorageError
 from modelstock.methods.base import TensorStats
@@ -50,7 +51,13 @@ from modelstock.output import (
 )
 from modelstock.planner import TensorPlan, catalog_of, plan_tensors
 from modelstock.quantization import BlockFP8, quantization_of
-from modelstock.recipe import MergeRecipe, recipe_models
+from modelstock.recipe import (
+    MergeRecipe,
+    check_filters_match,
+    check_strict_parameters,
+    log_parameter_notices,
+    recipe_models,
+)
 from modelstock.report import report_bytes, report_json, report_png
 from modelstock.shard import shard_tensor
 from modelstock.storage import Location
@@ -90,6 +97,8 @@ class MergeRequest:
     device: str = "auto"  # "gpu": ask Ray for a GPU per shard even before an autoscaler adds one
     extra_files: Mapping[str, bytes] = field(default_factory=dict)  # e.g. a soup's record; in the manifest
     io_concurrency: int | None = None  # ranged reads in flight per worker (default: by backend)
+    strict_parameters: bool = False  # refuse recipe parameters the method does not use (else: warned, reported)
+    allow_empty_filter: bool = False  # accept include/exclude patterns and filters that match no tensor
 
 
 @dataclass(frozen=True)
@@ -157,7 +166,14 @@ def plan_merge(request: MergeRequest) -> tuple[MergePlan, TensorPlan, list[Check
     opened = open_inputs(recipe, request.storage_options)
     checkpoints = [o.checkpoint for o in opened]
     catalogs = {url: catalog_of(o.checkpoint, o.quantization) for url, o in zip(urls, opened)}
+    # Configs against weights, depths against each other, the side files the output copies: before any tensor byte.
+    check_inputs(recipe, [CheckedInput(url, o.config, catalogs[url]) for url, o in zip(urls, opened)],
+                 request.storage_options)
     vocabulary = build_vocabulary(recipe, urls, [o.config for o in opened], request.storage_options)
+    if request.strict_parameters:
+        check_strict_parameters(recipe)
+    log_parameter_notices(recipe)
+    check_filters_match(recipe, (name for c in catalogs.values() for name in c.tensors), request.allow_empty_filter)
     tensor_plan = plan_tensors(recipe, catalogs, vocabulary)
     tensors = [shard_tensor(job, checkpoints) for job in tensor_plan.jobs]
     return plan_shards(tensors, request.shard_size, checkpoints), tensor_plan, checkpoints, vocabulary
@@ -286,7 +302,8 @@ def commit(request: MergeRequest, prepared: PreparedMerge, outcomes: list[ShardO
     )
     recipe_yaml = recipe.to_yaml()
     written[RECIPE_FILE] = recipe_yaml.encode()
-    report = report_json(recipe.merge_method, recipe_yaml, tensors, prepared.ignored_tensors)
+    notices = recipe.parameter_notices
+    report = report_json(recipe.merge_method, recipe_yaml, tensors, prepared.ignored_tensors, notices.unused, notices.clamped)
     written[REPORT_FILE] = report_bytes(report)
     plot = report_png(tensors, f"{recipe.merge_method}: cos θ and t by tensor")
     if plot is not None:

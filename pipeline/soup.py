@@ -27,7 +27,7 @@ from modelstock.errors import InvalidRecipe
 from modelstock.evaluation.datasets import AnySuite, TextSuite
 from modelstock.evaluation.scoring import ModelSource
 from modelstock.evaluation.soup import GreedySoupResult, greedy_soup
-from modelstock.recipe import MergeRecipe, ModelEntry
+from modelstock.recipe import MergeRecipe, ModelEntry, check_strict_parameters
 from pipeline.driver import MergeRequest, MergeResult, run_merge
 from pipeline.evaluate import RayEvaluator
 
@@ -48,6 +48,8 @@ class SoupRequest:
     overwrite: bool = False
     workers: int | None = None
     progress: bool = True
+    strict_parameters: bool = False  # refuse recipe parameters linear does not use (as merge --strict)
+    allow_empty_filter: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,8 @@ class CandidateScorer:
         self.evaluator.release()  # the merge tasks need the CPUs/GPUs the actors hold
         try:
             run_merge(MergeRequest(recipe=recipe, out_url=scratch.url, storage_options=request.storage_options,
-                                   overwrite=True, workers=request.workers, progress=request.progress))
+                                   overwrite=True, workers=request.workers, progress=request.progress,
+                                   allow_empty_filter=request.allow_empty_filter))
             self.scratch_merges += 1
             return self.evaluator.selection_scores([ModelSource(name, (scratch.url,))], suite)[name]
         finally:
@@ -151,6 +154,8 @@ def run_soup(request: SoupRequest, evaluator: RayEvaluator | None = None) -> Sou
     """Select (greedy) or take all (uniform) ingredients, merge them, record the soup."""
     recipe = request.recipe
     check_soup_recipe(recipe, request.greedy, request.suite)
+    if request.strict_parameters:  # before any evaluation, as merge --strict refuses before any read
+        check_strict_parameters(recipe)
     held_out: dict[str, float] = {}
     result: GreedySoupResult[str] | None = None
     scratch_merges = 0
@@ -172,6 +177,7 @@ def run_soup(request: SoupRequest, evaluator: RayEvaluator | None = None) -> Sou
     merged = run_merge(MergeRequest(
         recipe=soup, out_url=request.out_url, storage_options=request.storage_options,
         overwrite=request.overwrite, workers=request.workers, progress=request.progress,
+        strict_parameters=request.strict_parameters, allow_empty_filter=request.allow_empty_filter,
         extra_files={SOUP_FILE: (json.dumps(record, indent=1) + "\n").encode()},  # before the manifest
     ))
     return SoupResult(merged.out_url, accepted, held_out, result, merged, scratch_merges)

@@ -35,6 +35,8 @@ from modelstock.storage import Location, ObjectVersion
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# pytorch_model.bin.index.json: a sharded pickle checkpoint's index (the shards may be absent).
+PICKLE_INDEX_SUFFIXES = tuple(suffix + ".index.json" for suffix in PICKLE_SUFFIXES)
 # One request usually holds the whole header (an 8B Llama's is ~25 KB).
 SPECULATIVE_HEADER_READ = 64 * 1024
 HEADER_READ_THREADS = 16
@@ -150,13 +152,25 @@ def _read_index(location: Location) -> tuple[dict[str, str], dict[str, Any]]:
     return weight_map, metadata if isinstance(metadata, dict) else {}
 
 
+# Said with every pickle refusal: unpickling runs arbitrary code (mergekit's --lazy-unpickle is
+# the code execution we do not offer), so the conversion happens once, where the file is trusted.
+CONVERT_HINT = (
+    "convert it once where you trust the file: state = torch.load(path, weights_only=True), then "
+    "safetensors.torch.save_file(state, 'model.safetensors') (or the Hub's safetensors convert space)"
+)
+
+
+def _pickle_refusal(url: str, files: Sequence[str]) -> InvalidCheckpoint:
+    return InvalidCheckpoint(
+        f"{url}: only pickle weights ({', '.join(files[:3])}); modelstock reads safetensors only and never unpickles; "
+        + CONVERT_HINT
+    )
+
+
 def _refuse_folder(folder: Location, names: Sequence[str]) -> InvalidCheckpoint:
-    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES) or n.endswith(PICKLE_INDEX_SUFFIXES)]
     if pickles:
-        return InvalidCheckpoint(
-            f"{folder.url}: only pickle weights here ({', '.join(pickles[:3])}); pickles are never "
-            "loaded, convert the checkpoint to safetensors"
-        )
+        return _pickle_refusal(folder.url, pickles)
     if not names:
         hint = ""
         if re.fullmatch(r"[\w.-]+/[\w.-]+", folder.url):
@@ -170,6 +184,8 @@ def _refuse_folder(folder: Location, names: Sequence[str]) -> InvalidCheckpoint:
 def open_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None) -> Checkpoint:
     """Locate every tensor of the checkpoint at ``url`` from its headers."""
     root = storage.resolve(url, storage_options)
+    if root.path.endswith(PICKLE_SUFFIXES):
+        raise _pickle_refusal(root.url, [posixpath.basename(root.path)])
     if root.path.endswith(".safetensors"):
         header, fingerprint = read_header(root)
         pinned = _pinned(root, fingerprint)

@@ -63,7 +63,7 @@ def _merge(request: MergeRequest, options: RunOptions, suite: str | None) -> Mer
 def run(args: argparse.Namespace) -> int:
     options = RunOptions.from_args(args)
     request = MergeRequest(
-        recipe=load_recipe(args.config),
+        recipe=load_recipe(args.config, strict_parameters=args.strict_parameters),
         out_url=args.out_url,
         storage_options=options.storage_options,
         shard_size=args.shard_size,
@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         progress=options.progress,
         device=args.device,
         io_concurrency=args.io_concurrency,
+        strict_parameters=args.strict_parameters,
+        allow_empty_filter=args.allow_empty_filter,
     )
     result = _merge(request, options, args.eval)
     if result.already_complete:
@@ -100,5 +102,9 @@ def add_command(sub: Any) -> None:
     merge.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                        help="where shards are merged: auto = GPUs when the cluster has them now; "
                             "gpu = one GPU per shard even on a cluster still scaling up")
+    merge.add_argument("--strict", "--strict-parameters", dest="strict_parameters", action="store_true",
+                       help="refuse recipe parameters the method does not use (default: warn and ignore, as mergekit)")
+    merge.add_argument("--allow-empty-filter", action="store_true",
+                       help="accept include/exclude patterns and parameter filters that match no tensor")
     merge.add_argument("--eval", metavar="SUITE.yml", help="evaluate the merge on this eval suite (ID + OOD table)")
     merge.set_defaults(handler=run)

@@ -18,11 +18,12 @@ from pipeline.soup import SoupRequest, check_soup_recipe, run_soup
 def run(args: argparse.Namespace) -> int:
     options = RunOptions.from_args(args)
     suite = load_suite(args.eval) if args.eval else None
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, strict_parameters=args.strict_parameters)
     check_soup_recipe(recipe, args.greedy, suite)
     request = SoupRequest(recipe=recipe, out_url=args.out_url, greedy=args.greedy, strict=args.strict, suite=suite,
                           storage_options=options.storage_options, overwrite=args.overwrite, workers=options.workers,
-                          progress=options.progress)
+                          progress=options.progress, strict_parameters=args.strict_parameters,
+                          allow_empty_filter=args.allow_empty_filter)
     with ray_session(options.address, num_cpus=options.workers, quiet=options.quiet):
         if suite is None:
             result = run_soup(request)
@@ -56,6 +57,10 @@ def add_command(sub: Any) -> None:
                       help="greedy soup (needs --eval): keep an ingredient if the held-out score does not get worse "
                            "(accuracy: higher is better; perplexity: lower is better)")
     soup.add_argument("--strict", action="store_true", help="with --greedy: keep only if the held-out score improves")
+    soup.add_argument("--strict-parameters", action="store_true",
+                      help="refuse recipe parameters linear does not use (default: warn and ignore, as mergekit)")
+    soup.add_argument("--allow-empty-filter", action="store_true",
+                      help="accept exclude patterns and parameter filters that match no tensor")
     soup.add_argument("--eval", metavar="SUITE.yml",
                       help="eval suite: selection set for --greedy, then ID/OOD table of the soup")
     soup.add_argument("--overwrite", action="store_true", help="replace whatever is at OUT_URL")
