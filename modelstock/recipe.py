@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from modelstock.dtypes import RECIPE_DTYPES
 from modelstock.errors import InvalidRecipe
@@ -170,6 +170,12 @@ class MergeRecipe(BaseModel):
     tokenizer_source: str | None = None
     tokenizer: TokenizerSettings | None = None
     chat_template: str | None = None
+    # Where the recipe came from (its file), for the messages of checks made after validation.
+    _source: str = PrivateAttr(default="<recipe>")
+
+    @property
+    def source(self) -> str:
+        return self._source
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -473,8 +479,9 @@ def _check_parameter_names(recipe: MergeRecipe, method: MergeMethod[Any, Any]) -
     return ParameterNotices(unused=tuple(unused), clamped=tuple(dict.fromkeys(clamped)))
 
 
-def check_strict_parameters(recipe: MergeRecipe, source: str = "<recipe>") -> None:
+def check_strict_parameters(recipe: MergeRecipe, source: str | None = None) -> None:
     """Strict mode: a parameter this method does not use is refused, not ignored."""
+    source = source or recipe.source
     unused = recipe.parameter_notices.unused
     if unused:
         raise InvalidRecipe(
@@ -507,7 +514,7 @@ def check_filters_match(recipe: MergeRecipe, tensor_names: Iterable[str], allow_
     for key, patterns in (("include", recipe.include), ("exclude", recipe.exclude)):
         for pattern in patterns:
             if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-                raise InvalidRecipe(f"{key} pattern {pattern!r} matches no tensor of the merge "
+                raise InvalidRecipe(f"{recipe.source}: {key} pattern {pattern!r} matches no tensor of the merge "
                                     "(check it, or pass --allow-empty-filter)")
     scopes = [recipe.parameters, *(o.parameters for o in recipe.slices or [])]
     scopes += [scope for _, scope in _model_scopes(recipe)]
@@ -515,8 +522,8 @@ def check_filters_match(recipe: MergeRecipe, tensor_names: Iterable[str], allow_
         for parameter, value in scope.items():
             for pattern in _conditional_filters(value):
                 if not any(pattern in name for name in names):
-                    raise InvalidRecipe(f"parameter {parameter!r}: filter {pattern!r} matches no tensor of the merge "
-                                        "(check it, or pass --allow-empty-filter)")
+                    raise InvalidRecipe(f"{recipe.source}: parameter {parameter!r}: filter {pattern!r} matches no "
+                                        "tensor of the merge (check it, or pass --allow-empty-filter)")
 
 
 def _location(loc: Sequence[int | str], data: Any) -> str:
@@ -558,6 +565,7 @@ def parse_recipe(data: Mapping[str, Any] | Any, source: str = "<recipe>", strict
         raise InvalidRecipe(f"{source}: {exc}") from None
     except pydantic.ValidationError as exc:
         raise InvalidRecipe(_format_validation_error(source, exc, data)) from None
+    recipe._source = source
     if strict_parameters:
         check_strict_parameters(recipe, source)
     return recipe

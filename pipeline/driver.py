@@ -24,7 +24,7 @@ from modelstock.checkpoint.reader import Checkpoint, open_checkpoint
 from modelstock.checkpoint.tokenizer import TOKENIZER_FILES
 from modelstock.consistency import CheckedInput, check_inputs
 from modelstock.dtypes import CONFIG_DTYPE_NAMES
-from modelstock.errors import InputError, OutputConflict, StorageError
+from modelstock.errors import InputError, InvalidRecipe, OutputConflict, StorageError
 from modelstock.methods.base import TensorStats
 from modelstock.output import (
     INDEX_FILE_NAME,
@@ -174,7 +174,10 @@ def plan_merge(request: MergeRequest) -> tuple[MergePlan, TensorPlan, list[Check
         check_strict_parameters(recipe)
     log_parameter_notices(recipe)
     check_filters_match(recipe, (name for c in catalogs.values() for name in c.tensors), request.allow_empty_filter)
-    tensor_plan = plan_tensors(recipe, catalogs, vocabulary)
+    try:
+        tensor_plan = plan_tensors(recipe, catalogs, vocabulary)
+    except InvalidRecipe as exc:  # a value no method accepts for some tensor: name the recipe it came from
+        raise InvalidRecipe(f"{recipe.source}: {exc}" if not str(exc).startswith(recipe.source) else str(exc)) from None
     tensors = [shard_tensor(job, checkpoints) for job in tensor_plan.jobs]
     return plan_shards(tensors, request.shard_size, checkpoints), tensor_plan, checkpoints, vocabulary
 
