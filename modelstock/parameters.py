@@ -218,7 +218,7 @@ def check_types(method: MergeMethod[Any, Any], name: str, value: ParameterValue,
     """Every scalar a value can take has the parameter's type and lies in its domain (gradients:
     every anchor; conditional lists: every option). Returns the notices of clamped values."""
     method_names, _ = method.parameter_names()
-    kind = method.parameters if name in method_names else method.model_parameters
+    kind: type = method.parameters if name in method_names else method.model_parameters
     if _has_empty_list(value):
         raise ValueError(f"{where}: parameter {name!r}: an empty list is not a value (give a number or a non-empty gradient)")
     notices: list[str] = []

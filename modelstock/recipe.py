@@ -516,7 +516,7 @@ def check_filters_match(recipe: MergeRecipe, tensor_names: Iterable[str], allow_
             if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
                 raise InvalidRecipe(f"{recipe.source}: {key} pattern {pattern!r} matches no tensor of the merge "
                                     "(check it, or pass --allow-empty-filter)")
-    scopes = [recipe.parameters, *(o.parameters for o in recipe.slices or [])]
+    scopes: list[Mapping[str, ParameterValue]] = [recipe.parameters, *(o.parameters for o in recipe.slices or [])]
     scopes += [scope for _, scope in _model_scopes(recipe)]
     for scope in scopes:
         for parameter, value in scope.items():
@@ -535,7 +535,7 @@ def _location(loc: Sequence[int | str], data: Any) -> str:
             isinstance(data, list) and isinstance(step, int) and 0 <= step < len(data)
         )
         if present:
-            data = data[step]  # type: ignore[index]
+            data = data[step]
         elif isinstance(step, str) and ("[" in step or "-" in step or step in _PYDANTIC_TAGS):
             continue
         parts.append(str(step))
