@@ -177,6 +177,13 @@ class MergeRecipe(BaseModel):
     def source(self) -> str:
         return self._source
 
+    # Two recipes are equal when their contents are, wherever they were read from.
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MergeRecipe) and self.canonical_json() == other.canonical_json()
+
+    def __hash__(self) -> int:
+        return hash(self.canonical_json())
+
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _known_dtype(cls, value: str | None) -> str | None:
