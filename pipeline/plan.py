@@ -21,7 +21,7 @@ from modelstock.shard import ShardTensor
 
 # Part of every digest: a new version means new bytes for the same recipe (e.g. the fixed blocks
 # of the numerics contract changed), so a resume never mixes shards of two versions.
-PLAN_FORMAT = "modelstock-plan/2"
+PLAN_FORMAT = "modelstock-plan/3"
 
 
 @dataclass(frozen=True)

@@ -187,13 +187,21 @@ def order_largest_first(scores: torch.Tensor) -> list[int]:
     return sorted(range(len(values)), key=lambda i: (-values[i], i))
 
 
+def order_smallest_first(scores: torch.Tensor) -> list[int]:
+    """Flat indices by float32 score, smallest first, equal scores by position: a stable ascending
+    sort, the order mergekit's breadcrumbs and DELLA rank by."""
+    values = scores.reshape(-1).to(torch.float32).tolist()
+    return sorted(range(len(values)), key=lambda i: (values[i], i))
+
+
 def ref_sce(base: torch.Tensor, models: list[torch.Tensor], select_topk: float) -> torch.Tensor:
     deltas = [m - base for m in models]
     stacked = torch.stack(deltas)
     if select_topk < 1:
         mask = torch.zeros(base.numel(), dtype=torch.bool)
         if select_topk > 0:
-            var = torch.var(stacked, dim=0, unbiased=False).to(torch.float32)
+            # mergekit's fp32 math: the variance of the task vectors rounded to float32.
+            var = torch.var(stacked.float(), dim=0, unbiased=False)
             k = int(int(torch.count_nonzero(var)) * select_topk)
             mask[order_largest_first(var)[:k]] = True
         deltas = [torch.where(mask.reshape(base.shape), d, 0.0) for d in deltas]
@@ -239,7 +247,7 @@ def ref_crumbs(delta: torch.Tensor, density: float, gamma: float, rescale: bool)
     n = delta.numel()
     target, top = int(density * n), int(gamma * n)
     bottom = max(0, n - target - top)
-    ascending = order_largest_first(delta.abs())[::-1]
+    ascending = order_smallest_first(delta.abs())
     mask = torch.zeros(n, dtype=torch.bool)
     mask[ascending[bottom : bottom + target]] = True
     return l1_rescaled(delta, torch.where(mask.reshape(delta.shape), delta, 0.0), rescale)
@@ -268,8 +276,7 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> 
     n = fibers.shape[1]
     probabilities = torch.empty_like(fibers)
     for f, fiber in enumerate(fibers):
-        for rank_from_largest, i in enumerate(order_largest_first(fiber.abs())):
-            rank = n - 1 - rank_from_largest
+        for rank, i in enumerate(order_smallest_first(fiber.abs())):
             probabilities[f, i] = density if n == 1 else (density - epsilon) + rank / (n - 1) * 2 * epsilon
     return probabilities.reshape(moved.shape).movedim(-1, 1).reshape(delta.shape)
 

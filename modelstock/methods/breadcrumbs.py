@@ -13,8 +13,13 @@ Parameters and defaults as mergekit: ``weight`` (per model, required), ``density
 ``gamma`` (per model, 0.01), ``normalize: false``, ``rescale: false``, ``lambda: 1``; ``int8_mask``
 only changes mergekit's memory use and is ignored.
 
-Ranking as TIES: magnitudes rounded to float32, equal ones by position (largest first, then the
-lower index), where mergekit's unstable sort leaves their order unspecified. Within the memory
+Ranking: magnitudes rounded to float32 (mergekit's float32 math), equal ones in the order of a
+*stable* version of mergekit's ascending sort: of equal magnitudes the lower index ranks as the
+smaller, so the bottom cut drops it first and the top cut drops the higher index first. mergekit's
+own ``torch.sort`` is unstable on CPU beyond 16 entries (its order among equal magnitudes is the
+introsort's, not a function of values and positions); with bf16 checkpoints, whose float32 task
+vectors repeat values, thousands of entries can share a cutoff's magnitude, and only those can be
+chosen differently (issue 23: 2.6 % of the elements). Within the memory
 budget: the exact top-k of :mod:`modelstock.methods.selection` (three passes, two cutoffs per
 model), an L1 pass (float64) with ``rescale``, then a per-block blend.
 """
@@ -70,7 +75,8 @@ def sparsifies(params: Parameters) -> bool:
     return any(p.density < 1 for p in params.models)
 
 
-CRUMBS = Selection("crumbs", magnitudes, cutoffs, applies=sparsifies)
+# equal="last": the ranking of a stable ascending sort, read largest first (see the module docstring).
+CRUMBS = Selection("crumbs", magnitudes, cutoffs, applies=sparsifies, equal="last")
 
 
 def crumbs(

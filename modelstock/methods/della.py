@@ -19,9 +19,10 @@ Parameters and defaults as mergekit: ``weight`` (per model, required), ``density
 
 Determinism: as DARE (:mod:`modelstock.methods.dare`), the entry's uniform draw is splitmix64 of
 (``random_seed``, tensor name, model index, flat element index) and it is kept when the draw is below
-p; ranks are by float32 magnitude, equal ones by position (lower index ranks as larger), and lie
-within rows. So the same recipe gives the same bytes on every run, worker, device and chunking:
-one L1 pass (float64), then the blend. mergekit draws from torch's global RNG instead.
+p; ranks are by float32 magnitude, equal ones as a stable version of mergekit's ascending
+``argsort`` ranks them (the lower index ranks as the smaller; mergekit's unstable CPU sort leaves
+that order to its introsort), and lie within rows. So the same recipe gives the same bytes on
+every run, worker, device and chunking: one L1 pass (float64), then the blend. mergekit draws from torch's global RNG instead.
 """
 
 from __future__ import annotations
@@ -81,11 +82,11 @@ def keep_probabilities(delta: torch.Tensor, shape: tuple[int, ...], density: flo
     magnitudes = delta.abs().to(torch.float32).reshape(rows, length, -1)
     if length == 1:
         return torch.full(delta.shape, density, dtype=torch.float64, device=delta.device)
-    order = torch.argsort(magnitudes, dim=1, descending=True, stable=True)
-    from_largest = torch.empty_like(order).scatter_(
+    # Ascending and stable, as mergekit's argsort read with its ties in index order: rank 0 is the smallest.
+    order = torch.argsort(magnitudes, dim=1, stable=True)
+    rank = torch.empty_like(order).scatter_(
         1, order, torch.arange(length, device=delta.device).view(1, -1, 1).expand_as(order)
-    )
-    rank = (length - 1 - from_largest).to(torch.float64)  # 0 for the smallest
+    ).to(torch.float64)
     probability = (density - epsilon) + rank / (length - 1) * (2 * epsilon)
     return probability.reshape(delta.shape)
 

@@ -12,8 +12,10 @@ As mergekit, with task vectors ``d_i = w_i - w_0`` (no per-model parameters):
    (or 0) are dropped: ``w = w_0 + sum_i a_i e_i d_i / max(sum_i a_i e_i, 1e-6)`` with e_i = 1 where
    d_i has the elected sign.
 
-The variances are ranked as float32 values of their float64 computation, equal ones by position
-(mergekit's ``torch.topk`` leaves that order unspecified). ``int8_mask`` only changes mergekit's
+The variances are ranked as float32 values of their float64 computation from the float32 task
+vectors (see :func:`variances`), equal ones by position, lower index first (mergekit's
+``torch.topk`` leaves that order unspecified: CPU's partial sort picks among equal variances in its
+own order, which only bf16 checkpoints, whose task vectors repeat values, make visible). ``int8_mask`` only changes mergekit's
 memory use and is ignored. Within the memory budget: a pass counts the nonzero variances, the
 exact top-k of :mod:`modelstock.methods.selection` takes three more, a fifth sums the squares
 (float64, fixed blocks); the blend is per block.
@@ -60,11 +62,14 @@ def selects(params: Parameters) -> bool:
 
 
 def variances(block: ModelsBlock, params: Parameters, compute: torch.dtype) -> torch.Tensor:
-    """(1, rows, cols) float32: the population variance of the task vectors per entry, computed in
-    float64 whatever the compute dtype, so that every pass ranks the same scores."""
+    """(1, rows, cols) float32: the population variance per entry of the task vectors as mergekit's
+    float32 math has them (each ``d_i`` rounded to float32), accumulated in float64 whatever the
+    compute dtype, so that every pass ranks the same scores. This is what ``torch.var`` gives on
+    float32 (its CPU kernel accumulates in float64); the variance of the exact differences differs
+    from it in the last bit for ~10 % of entries, enough to swap entries at the cutoff."""
     assert isinstance(block, BaseBlock)
-    base = block.base.to(torch.float64)
-    deltas = torch.stack([model.to(torch.float64) - base for model in block.models])
+    base = block.base.to(torch.float32)
+    deltas = torch.stack([(model.to(torch.float32) - base).to(torch.float64) for model in block.models])
     mean = deltas.mean(dim=0)
     return (deltas - mean).square().mean(dim=0).to(torch.float32).unsqueeze(0)
 
@@ -83,8 +88,11 @@ def keep_nonzero_count(
 
 
 def top_variance_cutoffs(params: Parameters, numel: int, coefficients: Coefficients) -> Sequence[Sequence[int]]:
-    """k counts only the nonzero variances (found by the pass before the selection)."""
-    return [[int(int(coefficients[NONZERO]) * params.method.select_topk)]]
+    """k counts only the nonzero variances (found by the pass before the selection). The product is
+    torch's, as in mergekit (an int64 count times a float: float32 arithmetic), so that k is
+    mergekit's above 2**24 entries too, where float32 and float64 products truncate differently."""
+    nonzero = coefficients[NONZERO].to(torch.int64)
+    return [[int(nonzero * params.method.select_topk)]]
 
 
 TOP_VARIANCES = Selection("sce", variances, top_variance_cutoffs, applies=selects)

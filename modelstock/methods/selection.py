@@ -1,7 +1,9 @@
 """Exact top-k selection over a whole tensor, within the memory budget: no full-tensor sort.
 
 Entries are ranked by a non-negative float32 score (e.g. a task vector's magnitude), largest
-first, equal scores by position (row-major), as a stable sort would. A *cutoff* k keeps the
+first, equal scores by position (row-major), as a stable sort would: ``equal="first"`` ranks the
+lower index first (a stable descending sort), ``equal="last"`` the higher one (the reverse of a
+stable ascending sort, which mergekit's ``breadcrumbs`` ranks by). A *cutoff* k keeps the
 entries of rank < k. Three passes over the engine's fixed blocks find, for every cutoff, the
 exact score threshold and how many entries equal to it are kept:
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -72,6 +74,8 @@ class Selection:
     score: ScoreFn
     cutoffs: CutoffFn
     applies: AppliesFn = always
+    # Which of equal scores ranks first: the lower index ("first") or the higher ("last").
+    equal: Literal["first", "last"] = "first"
 
     def key(self, name: str) -> str:
         return f"{self.prefix}.{name}"
@@ -139,7 +143,8 @@ class Selection:
     def _finalize_equal(self, reductions: torch.Tensor, coefficients: Coefficients, params: TensorParameters[Any, Any],
                         count: int) -> Finalized:
         before = reductions.cumsum(dim=0) - reductions  # equal entries in earlier rows
-        return Finalized(coefficients={self.key("equal_before"): before}, values={}, flags=[],
+        total = reductions.sum(dim=0)  # equal entries in the tensor, per (selection, cutoff)
+        return Finalized(coefficients={self.key("equal_before"): before, self.key("equal_total"): total}, values={}, flags=[],
                          per_row=frozenset({self.key("equal_before")}))
 
     @property
@@ -160,4 +165,7 @@ class Selection:
         rows = bits.shape[2]
         before = coefficients[self.key("equal_before")].T.reshape(*threshold.shape[:2], rows, 1)
         rank_among_equal = before + equal.cumsum(dim=-1) - 1
+        if self.equal == "last":  # counted from the end: the equal entries after this one
+            total = coefficients[self.key("equal_total")].reshape(*threshold.shape[:2], 1, 1)
+            rank_among_equal = total - 1 - rank_among_equal
         return (bits > threshold) | (equal & (rank_among_equal < keep_equal))
