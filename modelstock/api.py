@@ -22,6 +22,7 @@ from modelstock.recipe import (
     check_filters_match,
     check_strict_parameters,
     log_parameter_notices,
+    naming_the_recipe,
     parse_recipe,
     recipe_models,
 )
@@ -77,7 +78,11 @@ def plan_in_memory(recipe: MergeRecipe, states: Mapping[str, StateDict], quantiz
     if missing:
         raise InvalidRecipe(f"merge: no state dict for model {missing[0]!r}")
     check_filters_match(recipe, (name for model in recipe_models(recipe) for name in states[model]), allow_empty_filter)
-    return plan_tensors(recipe, {name: _catalog(name, states[name], quantization) for name in recipe_models(recipe)})
+    catalogs = {name: _catalog(name, states[name], quantization) for name in recipe_models(recipe)}
+    try:
+        return plan_tensors(recipe, catalogs)
+    except InvalidRecipe as exc:  # as the Ray driver says it: naming the recipe
+        raise naming_the_recipe(recipe, exc) from None
 
 
 def merge_recipe_in_memory(

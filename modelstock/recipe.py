@@ -486,6 +486,13 @@ def _check_parameter_names(recipe: MergeRecipe, method: MergeMethod[Any, Any]) -
     return ParameterNotices(unused=tuple(unused), clamped=tuple(dict.fromkeys(clamped)))
 
 
+def naming_the_recipe(recipe: MergeRecipe, exc: InvalidRecipe) -> InvalidRecipe:
+    """A refusal found while planning (a value no method accepts for some tensor), prefixed with
+    the recipe it came from, once."""
+    message = str(exc)
+    return InvalidRecipe(message if message.startswith(recipe.source) else f"{recipe.source}: {message}")
+
+
 def check_strict_parameters(recipe: MergeRecipe, source: str | None = None) -> None:
     """Strict mode: a parameter this method does not use is refused, not ignored."""
     source = source or recipe.source

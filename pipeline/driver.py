@@ -56,6 +56,7 @@ from modelstock.recipe import (
     check_filters_match,
     check_strict_parameters,
     log_parameter_notices,
+    naming_the_recipe,
     recipe_models,
 )
 from modelstock.report import report_bytes, report_json, report_png
@@ -177,7 +178,7 @@ def plan_merge(request: MergeRequest) -> tuple[MergePlan, TensorPlan, list[Check
     try:
         tensor_plan = plan_tensors(recipe, catalogs, vocabulary)
     except InvalidRecipe as exc:  # a value no method accepts for some tensor: name the recipe it came from
-        raise InvalidRecipe(f"{recipe.source}: {exc}" if not str(exc).startswith(recipe.source) else str(exc)) from None
+        raise naming_the_recipe(recipe, exc) from None
     tensors = [shard_tensor(job, checkpoints) for job in tensor_plan.jobs]
     return plan_shards(tensors, request.shard_size, checkpoints), tensor_plan, checkpoints, vocabulary
 
