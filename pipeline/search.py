@@ -107,7 +107,10 @@ def run_trials(objective: Objective, space: Mapping[str, Dimension], settings: T
     from ray.tune.search.optuna import OptunaSearch
 
     path = Path(experiment_dir).resolve()
-    trainable = tune.with_resources(_trainable(objective), {"cpu": settings.cpus_per_trial})
+    # A trial that only waits for cluster merges holds no CPU (its merge tasks need them); Ray wants
+    # some resource in a bundle, so it declares a token of memory instead.
+    resources = {"cpu": settings.cpus_per_trial} if settings.cpus_per_trial else {"cpu": 0, "memory": 2**20}
+    trainable = tune.with_resources(_trainable(objective), resources)
     if tune.Tuner.can_restore(str(path / EXPERIMENT)):
         log.info("search: resuming the experiment at %s (finished trials are kept)", path)
         tuner = tune.Tuner.restore(str(path / EXPERIMENT), trainable, resume_errored=True)
@@ -387,8 +390,6 @@ def trials_plot(records: Sequence[TrialRecord], metric: str, mode: str, baseline
 
 def run_search(request: SearchRequest, baselines: Mapping[str, float] | None = None) -> SearchResult:
     """Search, merge the best recipe to the output, write the trials' record beside it."""
-    import ray
-
     from pipeline.driver import MergeRequest, run_merge
 
     spec = request.spec
@@ -404,14 +405,13 @@ def run_search(request: SearchRequest, baselines: Mapping[str, float] | None = N
     rungs = spec.halving.rungs if spec.halving else 1
     in_memory = spec.merge == "memory" or (
         spec.merge == "auto" and fits_in_trial(spec, suite, request.storage_options, spec.concurrency))
-    cpus = float(ray.cluster_resources().get("CPU", 1))
     scratch = storage.resolve(request.out_url, request.storage_options).join(*SCRATCH_DIR.split("/"))
     objective = CandidateObjective(spec, suite, shards, rungs, in_memory, scratch.url, metric,
                                    dict(request.storage_options))
     settings = TrialSettings(metric, mode, trials, min(spec.concurrency, trials), spec.seed, spec.sampler, rungs,
                              spec.halving.reduction_factor if spec.halving else 2,
-                             # a cluster merge's tasks need the CPUs: the trial itself only waits for them
-                             cpus_per_trial=1.0 if in_memory else min(1.0, cpus / (4 * spec.concurrency)))
+                             # a cluster merge's tasks need the CPUs: the trial itself mostly waits for them
+                             cpus_per_trial=1.0 if in_memory else 0.0)
     log.info("search: %d trials of %d dimension(s), %d at once, %s merges, scored on %s (%s)", trials,
              len(spec.space), settings.concurrency, "in-memory" if in_memory else "cluster", held.name, metric)
     grid = run_trials(objective, spec.space, settings, folder)
