@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from modelstock.methods import (  # noqa: F401  (registration)
+    arcee_fusion,
     breadcrumbs,
     dare,
     della,
@@ -13,6 +14,7 @@ from modelstock.methods import (  # noqa: F401  (registration)
     nearswap,
     nuslerp,
     passthrough,
+    ram,
     sce,
     slerp,
     task_arithmetic,

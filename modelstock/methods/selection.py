@@ -169,3 +169,14 @@ class Selection:
             total = coefficients[self.key("equal_total")].reshape(*threshold.shape[:2], 1, 1)
             rank_among_equal = total - 1 - rank_among_equal
         return (bits > threshold) | (equal & (rank_among_equal < keep_equal))
+
+    # --- order statistics: the scores at given ranks, without the per-row tie pass ------------
+
+    @property
+    def value_reductions(self) -> tuple[Reduction, Reduction]:
+        """The two passes that find each cutoff's threshold score (enough for :meth:`values`)."""
+        return self.reductions[0], self.reductions[1]
+
+    def values(self, coefficients: Coefficients) -> torch.Tensor:
+        """(S, C) float32: the score of rank ``cutoff - 1`` (largest first) for each cutoff >= 1."""
+        return coefficients[self.key("threshold")].to(torch.int32).view(torch.float32)
