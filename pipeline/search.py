@@ -7,10 +7,10 @@ cluster to a scratch folder removed after loading) and scores it on the suite's 
 reporting after each of the growing prefixes of that set when successive halving (ASHA) is on.
 
 Reproducible: the sampler is seeded and trials are proposed in batches of ``concurrency`` (a
-batch is proposed only when the previous one has finished), so the points depend on the seed,
-the trial count and the concurrency, never on which trial happened to finish first. ASHA's
-stopping decisions depend on the order of reports: with halving, only concurrency 1 is exactly
-reproducible.
+batch is proposed only when the previous one has finished). At concurrency 1 the points depend
+only on the seed and the trial count (tested); at higher concurrency Tune may interleave
+suggestions and results differently from run to run, so the points usually, not always, agree.
+ASHA's stopping decisions depend on the order of reports too.
 
 A killed driver resumes from Tune's experiment state (``Tuner.restore``): finished trials are
 kept, unfinished ones run again. The best trial's recipe (gradients written out) is then merged
@@ -109,14 +109,14 @@ def run_trials(objective: Objective, space: Mapping[str, Dimension], settings: T
     path = Path(experiment_dir).resolve()
     # A trial that only waits for cluster merges holds no CPU (its merge tasks need them); Ray wants
     # some resource in a bundle, so it declares a token of memory instead.
-    resources = {"cpu": settings.cpus_per_trial} if settings.cpus_per_trial else {"cpu": 0, "memory": 2**20}
+    resources: dict[str, float] = {"cpu": settings.cpus_per_trial} if settings.cpus_per_trial else {"cpu": 0, "memory": 2**20}
     trainable = tune.with_resources(_trainable(objective), resources)
     if tune.Tuner.can_restore(str(path / EXPERIMENT)):
         log.info("search: resuming the experiment at %s (finished trials are kept)", path)
         tuner = tune.Tuner.restore(str(path / EXPERIMENT), trainable, resume_errored=True)
         return tuner.fit()
     searcher = OptunaSearch(optuna_space(space), metric=settings.metric, mode=settings.mode,
-                            sampler=make_sampler(settings.sampler, settings.seed), seed=settings.seed)
+                            sampler=make_sampler(settings.sampler, settings.seed))
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=settings.rungs, grace_period=1,
                                reduction_factor=settings.reduction_factor)
                  if settings.rungs > 1 else FIFOScheduler())
@@ -144,7 +144,7 @@ class TrialRecord:
 
 
 def trial_records(grid: Any, space: Mapping[str, Dimension], metric: str) -> list[TrialRecord]:
-    records = []
+    records: list[TrialRecord] = []
     for result in grid:
         metrics = result.metrics or {}
         config = result.config or {}
@@ -366,7 +366,7 @@ def trials_plot(records: Sequence[TrialRecord], metric: str, mode: str, baseline
     figure, axes = plt.subplots(figsize=(7, 4))
     for state, marker in (("complete", "o"), ("stopped", "x")):
         shown = [r for r in records if r.state == state and r.score is not None]
-        axes.scatter([r.number for r in shown], [r.score for r in shown], marker=marker, label=f"trial ({state})")
+        axes.scatter([r.number for r in shown], [float(r.score or 0.0) for r in shown], marker=marker, label=f"trial ({state})")
     best: list[float] = []
     for r in records:
         if r.state == "complete" and r.score is not None:

@@ -119,11 +119,11 @@ def test_a_suite_without_held_out_is_refused(text_family: TextFamily, tmp_path: 
 # --- Tune and Optuna on a synthetic objective ---------------------------------------------------------
 
 
-def _run_synthetic(folder: Path, trials: int, seed: int) -> list:
+def _run_synthetic(folder: Path, trials: int, seed: int, concurrency: int = 2) -> list:
     def objective(config: dict, report) -> None:
         report({"loss": (config["x"] - 0.3) ** 2, "fraction": 1.0, "rows": 1})
 
-    settings = TrialSettings("loss", "min", trials=trials, concurrency=2, seed=seed)
+    settings = TrialSettings("loss", "min", trials=trials, concurrency=concurrency, seed=seed)
     grid = run_trials(objective, {"x": Range(0.0, 1.0)}, settings, str(folder))
     return trial_records(grid, {"x": Range(0.0, 1.0)}, "loss")
 
@@ -135,10 +135,12 @@ def test_one_parameter_search_finds_the_optimum_and_is_reproducible(ray_local: N
     assert abs(best.point["x"] - 0.3) < 0.05, best
     # TPE beats its own random start-up phase (Optuna's first 10 trials are random).
     assert best.score is not None and best.score < min(r.score or 1.0 for r in records[:10])
-    again = _run_synthetic(tmp_path / "b", trials=16, seed=7)
-    assert [r.point for r in again] == [r.point for r in records]
-    other = _run_synthetic(tmp_path / "c", trials=4, seed=8)
-    assert [r.point for r in other] != [r.point for r in records[:4]]
+    # Sequential trials are reproducible from the seed (at concurrency > 1 Tune may interleave
+    # suggestions and results differently from run to run).
+    once = _run_synthetic(tmp_path / "b", trials=6, seed=5, concurrency=1)
+    again = _run_synthetic(tmp_path / "c", trials=6, seed=5, concurrency=1)
+    assert [r.point for r in again] == [r.point for r in once]
+    assert [r.point for r in once[:4]] != [r.point for r in records[:4]]  # another seed, other points
 
 
 DRIVER = textwrap.dedent("""
@@ -154,13 +156,13 @@ DRIVER = textwrap.dedent("""
         x = round(config["x"], 12)
         with open(log, "a") as f:
             f.write(f"{phase} start {x}\\n")
-        time.sleep(1.0)
+        time.sleep(0.6)
         with open(log, "a") as f:
             f.write(f"{phase} done {x}\\n")
         report({"loss": (x - 0.5) ** 2, "fraction": 1.0, "rows": 1})
 
     space = {"x": Range(0.0, 1.0)}
-    grid = run_trials(objective, space, TrialSettings("loss", "min", trials=8, concurrency=1, seed=3), folder)
+    grid = run_trials(objective, space, TrialSettings("loss", "min", trials=6, concurrency=1, seed=3), folder)
     records = trial_records(grid, space, "loss")
     print("RESULT", [(r.number, round(r.point["x"], 12), r.state) for r in records], flush=True)
 """)
@@ -186,12 +188,12 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(ray_local: No
     assert first.returncode == -signal.SIGKILL
     before = log.read_text().splitlines()
     finished_before = {line.split()[2] for line in before if " done " in line}
-    assert 3 <= len(finished_before) < 8
+    assert 3 <= len(finished_before) < 6
 
     second = subprocess.run([*command, "second"], env=env, capture_output=True, text=True, timeout=180)
     assert second.returncode == 0, second.stdout + second.stderr
     result = eval(next(line for line in second.stdout.splitlines() if line.startswith("RESULT"))[len("RESULT "):])
-    assert len(result) == 8 and all(state == "complete" for _, _, state in result)
+    assert len(result) == 6 and all(state == "complete" for _, _, state in result)
     rerun = {line.split()[2] for line in log.read_text().splitlines()[len(before):] if " start " in line}
     final = {str(x) for _, x, _ in result}
     kept = (finished_before & final) - rerun
