@@ -94,8 +94,16 @@ def mergekit_outputs(family: list[Path], tmp_path_factory: pytest.TempPathFactor
     return run_mergekit(texts, tmp_path_factory.mktemp("mergekit-suite"))
 
 
+# mergekit's float32 KL divergence is off by 100-300 % on rows that a fine-tune changes by ~2 %, so
+# its arcee_fusion picks differ from the formula's by chance on this family's small changes; that
+# method is checked against mergekit by its picks, on larger changes, in tests/test_methods_fusion.py.
+KNOWN_DISAGREEMENTS = {"arcee_fusion": "mergekit's float32 KL is imprecise on small task vectors"}
+
+
 def _case(name: str) -> object:
     method = METHOD_OF[name]
+    if method in KNOWN_DISAGREEMENTS:
+        return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_DISAGREEMENTS[method]))
     return pytest.param(name, marks=pytest.mark.xfail(condition=method not in method_names(), strict=True,
                                                       reason="method not registered yet"))
 
