@@ -32,7 +32,7 @@ from modelstock.methods.base import (
     compute_dtype_for,
 )
 from modelstock.methods.registry import get_method
-from modelstock.quantization import dequantize
+from modelstock.quantization import all_finite, dequantize
 
 T = TypeVar("T")
 
@@ -157,13 +157,18 @@ def _on_device(chunk: LoadedChunk, device: torch.device | None) -> LoadedChunk:
 
 
 def _find_non_finite_input(job: TensorJob, plan: ChunkPlan, read: ChunkReader) -> None:
-    """Raise naming the input with NaN/Inf, reading chunk by chunk within the budget."""
+    """Raise naming the input with NaN/Inf, reading chunk by chunk within the budget: each input's own
+    rows (not those assembled onto a vocabulary, where one input's row may stand in for another's), and
+    the codes and block scales of FP8 inputs (float8 has no isfinite kernel: ``all_finite``)."""
+    read = read.read if isinstance(read, TokenRows) else read
     for start, stop in plan.chunks:
         chunk = read(start, stop)
         try:
-            for source, tensor in zip(job.inputs, chunk.tensors):
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    raise InvalidCheckpoint(f"{source.label}: tensor {source.tensor!r}: contains NaN or Inf values")
+            named = [(s.label, s.tensor) for s in job.inputs]
+            named += [(job.inputs[i].label, str(job.inputs[i].scale)) for i in job.scaled_inputs]
+            for (label, tensor_name), tensor in zip(named, chunk.tensors):
+                if not all_finite(tensor):
+                    raise InvalidCheckpoint(f"{label}: tensor {tensor_name!r}: contains NaN or Inf values")
         finally:
             chunk.release()
 

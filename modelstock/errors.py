@@ -41,3 +41,7 @@ class ModelTooLarge(InputError):
 
 class StorageAccessError(InputError):
     """Storage refused access or the location does not exist: not transient, a bad input."""
+
+
+class InvalidDataset(InputError):
+    """An evaluation dataset is malformed (not Parquet, missing columns or types, no scorable row, ...)."""

@@ -71,6 +71,11 @@ def check_scales(label: str, tensors: Mapping[str, tuple[str, tuple[int, ...]]],
                 "but the model declares no quantization (config.json quantization_config): it is never merged as numbers"
             )
         if quantization is not None and dtype in FP8_CODES:
+            if len(shape) != 2:
+                raise InvalidCheckpoint(
+                    f"{label}: tensor {name!r} is {dtype} {list(shape)}; block-FP8 codes are matrices (rows, cols) "
+                    f"with one scale per {list(quantization.block)} block, not {len(shape)}-D"
+                )
             scale = quantization.scale_of(name)
             if scale not in tensors:
                 raise InvalidCheckpoint(f"{label}: tensor {name!r} is {dtype} without its block scales {scale!r}")
@@ -82,10 +87,32 @@ def check_scales(label: str, tensors: Mapping[str, tuple[str, tuple[int, ...]]],
                 )
 
 
-def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
-    if len(shape) != 2:
-        return ()
-    return (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
+def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:
+    """The scales of a (rows, cols) weight: one per block, partial blocks at the edges included."""
+    rows, cols = shape
+    return (math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+
+
+# Float8 has no isfinite kernel: the codes that are NaN/Inf, as (mask, value) on the byte (OCP FP8
+# formats: E4M3FN has NaN only, S.1111.111; E5M2 has Inf and NaN, exponent 11111; the "fnuz"
+# variants' single NaN is 0x80; E8M0 scales' NaN is 0xFF).
+_NON_FINITE_CODES: dict[torch.dtype, tuple[int, int]] = {
+    dtype: pattern for name, pattern in (
+        ("float8_e4m3fn", (0x7F, 0x7F)), ("float8_e5m2", (0x7C, 0x7C)), ("float8_e4m3fnuz", (0xFF, 0x80)),
+        ("float8_e5m2fnuz", (0xFF, 0x80)), ("float8_e8m0fnu", (0xFF, 0xFF)),
+    ) if (dtype := getattr(torch, name, None)) is not None
+}
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite, for any dtype (integers are; float8 is read on its code bytes)."""
+    pattern = _NON_FINITE_CODES.get(tensor.dtype)
+    if pattern is not None:
+        mask, value = pattern
+        return not bool(((tensor.view(torch.uint8) & mask) == value).any())
+    if not tensor.is_floating_point():
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def dequantize(

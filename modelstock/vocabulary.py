@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from modelstock import storage
-from modelstock.checkpoint.tokenizer import load_tokenizer
+from modelstock.checkpoint.side_files import read_json_side_file, read_text_side_file
+from modelstock.checkpoint.tokenizer import load_tokenizer, transformers_quietly
 from modelstock.errors import InvalidCheckpoint, InvalidRecipe, StorageAccessError
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def union_tokenizer(base: Any, others: Sequence[Any], sizes: Sequence[int]) -> A
         for index, info in sorted(special.items()):
             if index < size:
                 added.setdefault(info.content, info)
-    with tempfile.TemporaryDirectory(prefix="modelstock-tokenizer-") as local:
+    with tempfile.TemporaryDirectory(prefix="modelstock-tokenizer-") as local, transformers_quietly():
         base.save_pretrained(local)  # a copy: the base tokenizer stays as it was
         result = transformers.AutoTokenizer.from_pretrained(local, use_fast=True, trust_remote_code=False)
     base_vocabulary = base.get_vocab()
@@ -209,7 +210,7 @@ def read_tokenizers(urls: Sequence[str], storage_options: Mapping[str, Any] | No
 
 def tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
     """The files ``save_pretrained`` writes for a tokenizer, by name."""
-    with tempfile.TemporaryDirectory(prefix="modelstock-tokenizer-") as local:
+    with tempfile.TemporaryDirectory(prefix="modelstock-tokenizer-") as local, transformers_quietly():
         tokenizer.save_pretrained(local)
         return {path.name: path.read_bytes() for path in Path(local).iterdir() if path.is_file()}
 
@@ -289,6 +290,11 @@ def build_vocabulary(recipe: Any, urls: Sequence[str], configs: Sequence[Mapping
                 row = by_url[url].get_vocab().get(setting.source.token)
                 if row is None:
                     raise InvalidRecipe(f"tokenizer.tokens: {token!r}: token {setting.source.token!r} is not in {url}")
+            size = sizes[urls.index(url)]
+            if not 0 <= row < size:
+                # Checked here, from the headers: a row past the embeddings would be read past the tensor.
+                raise InvalidRecipe(f"tokenizer.tokens: {token!r}: token id {row} is past the vocabulary of {url} "
+                                    f"({size} rows: ids 0..{size - 1})")
             resolved[token] = (url, row, setting.force)
     if recipe.chat_template is not None:
         template = _chat_template(tokenizers) if recipe.chat_template == "auto" else recipe.chat_template
@@ -305,20 +311,20 @@ def build_vocabulary(recipe: Any, urls: Sequence[str], configs: Sequence[Mapping
 
 
 def _stored_chat_template(url: str, storage_options: Mapping[str, Any] | None) -> str | None:
-    """A checkpoint's chat template from its files (chat_template.jinja, else tokenizer_config.json)."""
+    """A checkpoint's chat template from its files (chat_template.jinja, else tokenizer_config.json);
+    a corrupt file is an error naming it, never "no template"."""
     folder = storage.resolve(url, storage_options)
-    names = set(storage.list_names(folder))
-    if "chat_template.jinja" in names:
-        return storage.read_bytes(folder.join("chat_template.jinja")).decode("utf-8").strip() or None
-    if "tokenizer_config.json" in names:
-        try:
-            template = json.loads(storage.read_bytes(folder.join("tokenizer_config.json"))).get("chat_template")
-        except (ValueError, AttributeError):
-            return None
-        if isinstance(template, dict):
-            template = template.get("default")
-        return template.strip() if isinstance(template, str) and template.strip() else None
-    return None
+    text = read_text_side_file(folder.join("chat_template.jinja"))
+    if text is not None:
+        return text.strip() or None
+    config = read_json_side_file(folder.join("tokenizer_config.json"))
+    template = (config or {}).get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": "..."}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template.strip() if isinstance(template, str) and template.strip() else None
 
 
 def chat_template_for(setting: str, urls: Sequence[str], storage_options: Mapping[str, Any] | None) -> str | None:

@@ -52,6 +52,7 @@ from modelstock.evaluation.datasets import (
     plan_dataset_shards,
 )
 from modelstock.evaluation.metrics import ShardScore, TextShardScore, accuracy
+from modelstock.evaluation.preflight import check_unique_names
 from modelstock.evaluation.scoring import ModelSource, build_source, score_shard, soup_state
 from modelstock.evaluation.sizing import ActorCapacity, Footprint, check_fits, fits, format_bytes
 from modelstock.evaluation.tables import RESULTS_JSON, RESULTS_PARQUET, RESULTS_PLOT, EvalRow, EvalTable
@@ -231,13 +232,6 @@ def _role(suite: AnySuite, dataset: DatasetSpec | TextDatasetSpec) -> str:
 def text_row(total: TextShardScore, role: str) -> TextEvalRow:
     return TextEvalRow(total.model, total.dataset, role, total.task, total.nll, total.tokens, total.correct,
                        total.total)
-
-
-def _unique_names(sources: Sequence[ModelSource]) -> None:
-    names = [s.name for s in sources]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"model name {duplicates[0]!r} is used twice")
 
 
 def _actors_on(node: Mapping[str, float], need: int) -> int:
@@ -455,7 +449,7 @@ class RayEvaluator:
     def evaluate(self, sources: Sequence[ModelSource], suite: AnySuite, kinds: Mapping[str, str] | None = None,
                  include_held_out: bool = False) -> AnyTable:
         """The suite's ID and OOD sets (and, if asked, its held-out set) for every model."""
-        _unique_names(sources)
+        check_unique_names(sources)
         held_out_name = suite.held_out.name if include_held_out and suite.held_out is not None else None
         if isinstance(suite, TextSuite):
             text_sets = [*suite.datasets, *([suite.held_out] if held_out_name and suite.held_out else [])]

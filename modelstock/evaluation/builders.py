@@ -8,7 +8,6 @@ Every built module maps pixels (batch, C, H, W) to logits (batch, classes).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,6 +16,7 @@ from torch import nn
 
 from modelstock import storage
 from modelstock.checkpoint.reader import open_checkpoint, read_tensor
+from modelstock.checkpoint.side_files import read_json_side_file
 from modelstock.errors import IncompatibleModels, InvalidCheckpoint
 
 BUILDER_KEY = "modelstock_builder"
@@ -129,12 +129,9 @@ def read_config(url: str, storage_options: Mapping[str, Any] | None = None) -> d
 def read_config_in(folder: storage.Location) -> dict[str, Any]:
     """``config.json`` of a checkpoint folder, as a JSON object."""
     location = folder.join("config.json")
-    try:
-        config = json.loads(storage.read_bytes(location))
-    except json.JSONDecodeError as exc:
-        raise InvalidCheckpoint(f"{location.url}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise InvalidCheckpoint(f"{location.url}: expected a JSON object")
+    config = read_json_side_file(location)
+    if config is None:
+        raise InvalidCheckpoint(f"{location.url}: missing (a model to evaluate is built from its config.json)")
     return config
 
 

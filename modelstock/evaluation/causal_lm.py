@@ -28,6 +28,7 @@ from modelstock.errors import IncompatibleModels, InvalidCheckpoint
 from modelstock.evaluation.builders import read_config, read_config_in
 from modelstock.evaluation.placement import StageHooks, StagePlan, install_stage_hooks, plan_stages
 from modelstock.evaluation.sizing import Footprint, ModelShape, footprint
+from modelstock.quantization import FP8_CODES, SCALE_SUFFIX, BlockFP8, all_finite, check_scales, dequantize, quantization_of
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class CausalLMConfig:
     url: str
     hf_config: Any
     model_class: type
+    quantization: BlockFP8 | None = None  # block-FP8 weights, dequantized as they are read
 
     @property
     def shape(self) -> ModelShape:
@@ -68,6 +70,8 @@ class CausalLMConfig:
         if isinstance(configured, torch.dtype) and configured in DTYPES.values():
             return configured
         for location in checkpoint.tensors.values():
+            if location.entry.dtype in FP8_CODES:
+                return torch.bfloat16  # dequantized codes: as a merge writes them (DEQUANTIZED_DTYPE)
             dtype = to_torch(location.entry.dtype)
             if dtype.is_floating_point:
                 return dtype
@@ -88,8 +92,10 @@ def causal_lm_config(raw: Mapping[str, Any], url: str) -> CausalLMConfig:
         raise InvalidCheckpoint(f"{where}: model_type {model_type!r} is not a transformers architecture")
     architectures = [a for a in raw.get("architectures") or [] if isinstance(a, str)]
     config_class = CONFIG_MAPPING[model_type]
+    # Block-FP8 weights are dequantized as they stream in: the model is built unquantized.
+    quantization = quantization_of(raw, where)
     try:
-        hf_config = config_class.from_dict({k: v for k, v in raw.items() if k != "auto_map"})
+        hf_config = config_class.from_dict({k: v for k, v in raw.items() if k not in ("auto_map", "quantization_config")})
     except (TypeError, ValueError) as exc:
         raise InvalidCheckpoint(f"{where}: not a valid {config_class.__name__} ({exc})") from None
     found = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(hf_config), None)
@@ -99,7 +105,7 @@ def causal_lm_config(raw: Mapping[str, Any], url: str) -> CausalLMConfig:
                                 "remote code is never run")
     if model_class is None:
         raise InvalidCheckpoint(f"{where}: model_type {model_type!r} has no causal LM class in transformers")
-    return CausalLMConfig(url, hf_config, model_class)
+    return CausalLMConfig(url, hf_config, model_class, quantization)
 
 
 def read_causal_lm_config(url: str, storage_options: Mapping[str, Any] | None = None) -> CausalLMConfig:
@@ -113,7 +119,9 @@ def model_footprint(url: str, storage_options: Mapping[str, Any] | None, batch_t
     checkpoint = open_checkpoint(url, storage_options)
     target = config.dtype(dtype, checkpoint)
     weights = 0
-    for location in checkpoint.tensors.values():
+    for name, location in checkpoint.tensors.items():
+        if config.quantization is not None and name.endswith(SCALE_SUFFIX):
+            continue  # block scales are folded into their weights
         stored = to_torch(location.entry.dtype)
         numel = location.entry.nbytes // stored.itemsize
         weights += numel * (target.itemsize if stored.is_floating_point else stored.itemsize)
@@ -199,6 +207,29 @@ def stream_tensors(checkpoint: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]
                 yield location.name, tensor_from_bytes(part, entry.dtype, entry.shape)
 
 
+def dequantized_tensors(tensors: Iterator[tuple[str, torch.Tensor]], checkpoint: Checkpoint,
+                        quantization: BlockFP8 | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``tensors`` with block-FP8 codes replaced by their float32 weights (codes x block scales);
+    a weight waits for its scales when they come later in the files (they are small and adjacent)."""
+    if quantization is None:
+        yield from tensors
+        return
+    catalog = {name: (loc.entry.dtype, loc.entry.shape) for name, loc in checkpoint.tensors.items()}
+    check_scales(checkpoint.url, catalog, quantization)
+    quantized = {name for name, (dtype, _) in catalog.items() if dtype in FP8_CODES}
+    scales = {quantization.scale_of(name): name for name in quantized}
+    pending: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors:
+        if name not in quantized and name not in scales:
+            yield name, tensor
+            continue
+        pending[name] = tensor
+        weight = scales.get(name, name)
+        scale = quantization.scale_of(weight)
+        if weight in pending and scale in pending:
+            yield weight, dequantize(pending.pop(weight), pending.pop(scale), quantization.block, 0, torch.float32)
+
+
 def fill_parameters(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], plan: StagePlan, dtype: torch.dtype,
                     url: str) -> None:
     """Put each checkpoint tensor, cast to ``dtype``, on its stage's device; strictly."""
@@ -207,6 +238,9 @@ def fill_parameters(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]
     persistent_buffers = {name for name in model.state_dict() if name not in owner}
     loaded: set[str] = set()
     for name, tensor in tensors:
+        if not all_finite(tensor):
+            # Metrics of such a model are NaN, never a number to report: refused, naming the tensor.
+            raise InvalidCheckpoint(f"{url}: tensor {name!r}: contains NaN or Inf values")
         if name in persistent_buffers:
             target = model.get_buffer(name)
             _check_shape(url, name, tensor, target)
@@ -283,9 +317,14 @@ def load_causal_lm(url: str, storage_options: Mapping[str, Any] | None = None, d
     checkpoint = open_checkpoint(url, storage_options)
     target = config.dtype(dtype, checkpoint)
     tokenizer = load_tokenizer(folder)
-    return build_causal_lm(url, config, stream_tensors(checkpoint), tokenizer, devices, target)
+    tensors = dequantized_tensors(stream_tensors(checkpoint), checkpoint, config.quantization)
+    return build_causal_lm(url, config, tensors, tokenizer, devices, target)
 
 
 def read_checkpoint_state(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint, as writable copies (an in-memory soup's ingredient)."""
-    return {name: tensor.clone() for name, tensor in stream_tensors(open_checkpoint(url, storage_options))}
+    """Every tensor of a checkpoint, as writable copies (an in-memory soup's ingredient); block-FP8
+    weights dequantized."""
+    checkpoint = open_checkpoint(url, storage_options)
+    quantization = quantization_of(read_config(url, storage_options), f"{url.rstrip('/')}/config.json")
+    tensors = dequantized_tensors(stream_tensors(checkpoint), checkpoint, quantization)
+    return {name: tensor.clone() for name, tensor in tensors}

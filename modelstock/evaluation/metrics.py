@@ -89,4 +89,7 @@ def perplexity(nll: float, tokens: int) -> float:
 
     if tokens <= 0:
         raise ValueError("perplexity of a set with no predicted tokens")
-    return math.exp(nll / tokens)
+    try:
+        return math.exp(nll / tokens)
+    except OverflowError:
+        return math.inf  # eval.json writes it as null (``tables.results_json``): never a bare Infinity

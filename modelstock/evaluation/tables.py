@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -80,6 +81,21 @@ def parquet_bytes(records: list[dict[str, Any]]) -> bytes:
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(records), buffer)
     return buffer.getvalue()
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
+def results_json(document: Mapping[str, Any]) -> bytes:
+    """eval.json: a NaN or infinite metric is written as null, never as a bare NaN (which is not JSON)."""
+    return (json.dumps(_finite_or_null(document), indent=1, allow_nan=False) + "\n").encode()
 
 
 def write_results(files: Mapping[str, bytes | None], out_url: str,
@@ -208,7 +224,7 @@ class EvalTable:
     def write(self, out_url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
         """eval.json, eval.parquet and eval.png under ``out_url``; returns the URLs written."""
         return write_results({
-            RESULTS_JSON: (json.dumps(self.to_json(), indent=1) + "\n").encode(),
+            RESULTS_JSON: results_json(self.to_json()),
             RESULTS_PARQUET: self.parquet_bytes(),
             RESULTS_PLOT: self.scatter_png(),
         }, out_url, storage_options)

@@ -10,7 +10,6 @@ the OOD choice sets' accuracies. Either is null when the suite has no such OOD s
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ from modelstock.evaluation.tables import (
     SummaryColumn,
     group_by_kind,
     parquet_bytes,
+    results_json,
     scatter_png,
     write_results,
 )
@@ -204,7 +204,7 @@ class TextEvalTable:
 
     def write(self, out_url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
         return write_results({
-            RESULTS_JSON: (json.dumps(self.to_json(), indent=1) + "\n").encode(),
+            RESULTS_JSON: results_json(self.to_json()),
             RESULTS_PARQUET: self.parquet_bytes(),
             RESULTS_PLOT: self.scatter_png(),
         }, out_url, storage_options)

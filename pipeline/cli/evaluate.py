@@ -49,9 +49,12 @@ def add_actor_options(parser: argparse.ArgumentParser) -> None:
 
 
 def evaluate_and_report(sources: Sequence[ModelSource], suite_path: str, options: RunOptions, out_url: str | None,
-                        gpus_per_model: int | None = None, actor_memory: int | None = None) -> None:
-    """Evaluate on the connected Ray, print the table, write JSON/Parquet/PNG under ``out_url``."""
+                        gpus_per_model: int | None = None, actor_memory: int | None = None, checked: bool = False) -> None:
+    """Evaluate on the connected Ray, print the table, write JSON/Parquet/PNG under ``out_url``
+    (``checked``: the inputs were checked already, before Ray started)."""
     suite = load_suite(suite_path)
+    if not checked:
+        check_inputs(sources, suite, options)
     table = evaluate_models(sources, suite, options.storage_options, options.workers, progress=options.progress,
                             gpus_per_model=gpus_per_model, actor_memory=actor_memory)
     print(table.format())
@@ -65,12 +68,20 @@ def evaluate_merged(merged_url: str, suite_path: str, options: RunOptions) -> No
     evaluate_and_report([ModelSource("merged", (merged_url,))], suite_path, options, evaluation_folder(merged_url))
 
 
+def check_inputs(sources: Sequence[ModelSource], suite: Any, options: RunOptions) -> None:
+    """The suite's datasets and the models' tokenizers checked on the driver, before any actor."""
+    from modelstock.evaluation.preflight import check_evaluation_inputs
+
+    check_evaluation_inputs(sources, suite, options.storage_options)
+
+
 def run(args: argparse.Namespace) -> int:
     options = RunOptions.from_args(args)
     sources = [model_source(text) for text in args.models]
-    load_suite(args.suite)  # bad suites are refused before Ray starts
+    # Bad suites, datasets and model names are refused before Ray starts.
+    check_inputs(sources, load_suite(args.suite), options)
     with ray_session(options.address, num_cpus=options.workers, quiet=options.quiet):
-        evaluate_and_report(sources, args.suite, options, args.out, args.gpus_per_model, args.actor_memory)
+        evaluate_and_report(sources, args.suite, options, args.out, args.gpus_per_model, args.actor_memory, checked=True)
     return EXIT_OK
 
 
