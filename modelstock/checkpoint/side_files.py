@@ -71,7 +71,9 @@ _TEMPLATE: Field = (lambda v: v is None or isinstance(v, (str, list)), "a Jinja 
 FIELDS: dict[str, dict[str, Field]] = {
     "config.json": {
         "model_type": _STRING, "architectures": (_or_null(_strings), "a list of class names"),
-        "vocab_size": _POSITIVE, "hidden_size": _POSITIVE, "num_hidden_layers": _POSITIVE,
+        "vocab_size": _POSITIVE, "hidden_size": _POSITIVE,
+        # A slice of embeddings and head alone (no blocks) is a model transformers builds.
+        "num_hidden_layers": ((lambda v: _exact_int(v) and v >= 0), "a count"),
         "intermediate_size": _POSITIVE_OR_NULL, "num_attention_heads": _POSITIVE_OR_NULL,
         "num_key_value_heads": _POSITIVE_OR_NULL, "max_position_embeddings": _POSITIVE_OR_NULL,
         "tie_word_embeddings": _BOOL, "text_config": _OBJECT_OR_NULL, "quantization_config": _OBJECT_OR_NULL,
